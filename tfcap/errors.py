@@ -1,0 +1,8 @@
+"""The one exception type that carries a user-facing, one-line message.
+
+The CLI turns it into `Error: <message>` on stderr and exit code 2, with no traceback.
+"""
+
+
+class TfcapError(Exception):
+    """A problem with the user's input or command (bad path, bad layout, refused overwrite)."""

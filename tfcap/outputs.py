@@ -1,0 +1,61 @@
+"""Safe outputs: nothing half-written under the final name, nothing overwritten by accident."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from tfcap.errors import TfcapError
+
+
+def refuse_existing(path: Path, overwrite: bool, hint: str = "--overwrite") -> None:
+    """Raise TfcapError if `path` exists and the user did not ask to replace it."""
+    if path.exists() and not overwrite:
+        raise TfcapError(f"{path} already exists; pass {hint} to replace it")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a scratch directory that becomes `out` only if the block finishes.
+
+    The scratch directory is a hidden sibling of `out` (same file system, so the final
+    rename is atomic). An exception or Ctrl-C removes it; a SIGKILL leaves it behind, and
+    the next run for the same `out` clears it first. An existing `out` is replaced only
+    with `overwrite`, and only after the new one is complete.
+    """
+    out = Path(out)
+    refuse_existing(out, overwrite)
+    partial = out.with_name(f".{out.name}.partial")
+    _remove(partial)  # leftovers of an interrupted earlier run
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:
+        _remove(partial)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        _remove(old)
+        os.replace(out, old)
+        os.replace(partial, out)
+        _remove(old)
+    else:
+        os.replace(partial, out)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary name, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
