@@ -229,3 +229,20 @@ def test_ctrl_c_removes_scratch_and_keeps_previous_output(kaggle_dataset, tmp_pa
     assert result.exit_code != 0
     assert (out / "manifest.json").read_text() == before
     assert not (tmp_path / ".rec.partial").exists()
+
+
+def test_a_train_image_failing_only_the_full_decode_does_not_count_in_the_vocabulary(tmp_path):
+    root = tmp_path / "d"
+    names = write_images(root / "img", 3, formats=("PNG",))
+    (root / "img" / names[0]).write_bytes(make_image_bytes(0, "PNG")[:80])  # right magic, truncated body
+    with open(root / "c.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "split"])
+        w.writerow([names[0], "zebra words", "train"])
+        w.writerow([names[1], "plain words", "train"])
+        w.writerow([names[2], "plain words", "test"])
+    out = tmp_path / "rec"
+    run("--captions", root / "c.csv", "--images", root / "img", "-o", out, "--min-count", "1")
+    assert "zebra" not in (out / "vocab.txt").read_text().split()
+    m = manifest(out)
+    assert [s["image"] for s in m["skipped"]] == [names[0]] and m["splits"]["train"]["images"] == 1

@@ -137,24 +137,38 @@ def validate(data: tf.Tensor) -> tf.Tensor:
     return tf.cond(is_jpeg, jpeg, other)
 
 
-def diagnose(path: Path) -> str:
-    """Why the image file at `path` cannot be used: a short reason for manifests and error rows."""
+def quick_check(path: Path) -> str | None:
+    """Why `path` is certainly not a usable image (missing, empty, unknown format), from its first bytes only.
+
+    None means it may be fine; only a full decode (`validate`) can tell.
+    """
     path = Path(path)
-    if not path.exists():
-        return "missing"
-    if not path.is_file():
-        return "not a file"
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        return "missing"
+    except IsADirectoryError:
+        return "not a file"
     except OSError as e:
         return f"unreadable ({e.strerror})"
-    if not data:
+    if not head:
         return "empty"
-    if sniff_format(data) is None:
+    if sniff_format(head) is None:
         return "not an image"
+    return None
+
+
+def diagnose(path: Path) -> str:
+    """Why the image file at `path` cannot be used: a short reason for manifests and error rows."""
+    reason = quick_check(path)
+    if reason:
+        return reason
     try:
-        validate(tf.constant(data))
+        validate(tf.constant(Path(path).read_bytes()))
     except tf.errors.OpError as e:
         message = e.message.strip().splitlines()[-1] if e.message.strip() else "decode failed"
         return f"truncated or corrupt ({message[:120]})"
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
     return "unreadable"

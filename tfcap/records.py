@@ -62,26 +62,6 @@ def _tf_compression(compression: str | None) -> str:
     return "GZIP" if compression == "gzip" else ""
 
 
-def _validate_all(paths: list[str], show_progress: bool) -> dict[int, np.ndarray]:
-    """Decode every image in parallel; return {index: (height, width)} of those that decode."""
-    indices = tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), tf.constant(paths, tf.string)))
-    checked = (indices
-               .map(lambda i, p: (i, images.validate(tf.io.read_file(p))), num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic=False)
-               .ignore_errors()  # a failing image is diagnosed afterwards, one at a time
-               .batch(_BATCH)
-               .prefetch(tf.data.AUTOTUNE))
-    sizes: dict[int, np.ndarray] = {}
-    with progress_bar(len(paths), "validating images", show_progress) as advance:
-        done = 0
-        for index, shape in checked:
-            sizes.update(zip(index.numpy().tolist(), shape.numpy()))
-            advance(len(sizes) - done)
-            done = len(sizes)
-        advance(len(paths) - done)
-    return sizes
-
-
 def _example(data: bytes, image_id: str, height: int, width: int, captions: list[str],
              ids: np.ndarray, lengths: np.ndarray) -> bytes:
     def b(values):
@@ -122,13 +102,96 @@ def _shard_counts(sizes_by_split: dict[str, list[int]], config: RecordsConfig) -
     return counts
 
 
+@dataclasses.dataclass
+class _Shard:
+    split: str
+    name: str
+    records: int = 0
+
+
+def _write_pass(scratch: Path, source: layouts.Source, planned: dict[str, list[str]], vocab: text.Vocabulary,
+                config: RecordsConfig, show_progress: bool) -> tuple[list[_Shard], set[str], int]:
+    """Read, fully validate and write the planned images in one parallel tf.data pass.
+
+    Returns the shards written, the ids of images that failed to read or decode (skipped), and
+    the number of captions truncated. Record order is split by split, ids sorted, so the output
+    is deterministic.
+    """
+    image_ids = [i for split in layouts.SPLITS for i in planned[split]]
+    caption_texts = [c for i in image_ids for c in source.captions[i]]
+    encoded, truncated = text.encode_captions(tf.constant(caption_texts, tf.string), vocab, config.text)
+    flat_ids, caption_lengths = encoded.flat_values.numpy(), encoded.row_lengths().numpy()
+    caption_offsets = np.concatenate([[0], np.cumsum(caption_lengths)])  # caption k: ids[off[k]:off[k+1]]
+    first_caption = np.concatenate([[0], np.cumsum([len(source.captions[i]) for i in image_ids])])
+
+    # Shards are contiguous runs of images within a split, sized by bytes on disk.
+    shard_counts = _shard_counts({s: [source.path(i).stat().st_size for i in planned[s]] for s in layouts.SPLITS},
+                                 config)
+    shards, shard_of = [], np.zeros(len(image_ids), np.int64)
+    offset = 0
+    for split in layouts.SPLITS:
+        count, n_shards = len(planned[split]), shard_counts[split]
+        for shard in range(n_shards):
+            lo, hi = offset + shard * count // n_shards, offset + (shard + 1) * count // n_shards
+            shard_of[lo:hi] = len(shards)
+            shards.append(_Shard(split, shard_name(split, shard, n_shards, config.compression)))
+        offset += count
+
+    paths = tf.constant([str(source.path(i)) for i in image_ids] or [""], tf.string)
+
+    def read_and_validate(index, path):
+        data = tf.io.read_file(path)
+        return index, data, images.validate(data)
+
+    stream = (tf.data.Dataset.from_tensor_slices((tf.range(len(image_ids), dtype=tf.int64), paths))
+              .take(len(image_ids))
+              .map(read_and_validate, num_parallel_calls=tf.data.AUTOTUNE)
+              .ignore_errors()  # failures show up as gaps in the index sequence, diagnosed afterwards
+              .batch(_BATCH)
+              .prefetch(tf.data.AUTOTUNE))
+    options = tf.io.TFRecordOptions(compression_type=_tf_compression(config.compression))
+    written: set[int] = set()
+    writer, current = None, -1
+
+    def open_through(target: int):
+        nonlocal writer, current
+        while current < target:
+            if writer is not None:
+                writer.close()
+            current += 1
+            writer = tf.io.TFRecordWriter(str(scratch / shards[current].name), options)
+
+    with progress_bar(len(image_ids), "writing records", show_progress) as advance:
+        for indices, datas, shapes in stream:
+            for k, data, (height, width) in zip(indices.numpy(), datas.numpy(), shapes.numpy()):
+                open_through(shard_of[k])
+                image_id = image_ids[k]
+                first, last = first_caption[k], first_caption[k + 1]
+                writer.write(_example(data, image_id, height, width, source.captions[image_id],
+                                      flat_ids[caption_offsets[first]:caption_offsets[last]],
+                                      caption_lengths[first:last]))
+                shards[current].records += 1
+                written.add(int(k))
+            advance(len(indices))
+        open_through(len(shards) - 1)  # empty trailing shards still exist, so names stay consistent
+        if writer is not None:
+            writer.close()
+    failed = {image_ids[k] for k in range(len(image_ids)) if k not in written}
+    image_written = np.zeros(len(image_ids), bool)
+    image_written[list(written)] = True
+    n_truncated = int(truncated.numpy()[np.repeat(image_written, np.diff(first_caption))].sum())
+    return shards, failed, n_truncated
+
+
 def build_records(source: layouts.Source, out: Path, config: RecordsConfig = RecordsConfig(), *,
                   overwrite: bool = False, show_progress: bool = True) -> dict:
     """Validate, tokenize and write `source` as sharded TFRecords in `out`; return the manifest.
 
-    Two passes over the images, both parallel tf.data pipelines: the first decodes every image
-    (so the vocabulary counts only captions of images that are really written), the second
-    streams the bytes into the shards. Broken images are skipped and listed in the manifest.
+    One parallel pass reads, fully decodes (validates) and writes each image. The vocabulary,
+    which must exist before the first record is written, is counted from the train captions of
+    the images that pass a cheap check (present, non-empty, a known format). If the full decode
+    then rejects a train image and that changes the vocabulary, the pass is redone without it,
+    so the vocabulary always counts exactly the train images written.
     """
     if config.compression not in (None, "gzip"):
         raise TfcapError(f"--compression must be gzip or none, not {config.compression}")
@@ -140,61 +203,35 @@ def build_records(source: layouts.Source, out: Path, config: RecordsConfig = Rec
         # Every image named by the captions is checked, also those in no split, so that every
         # broken one is reported (the bogus Flickr8k id `...jpg.1` is in no split).
         ids = list(source.captions)
-        shapes = _validate_all([str(source.path(i)) for i in ids], show_progress)
-        skipped = [{"image": ids[k], "reason": images.diagnose(source.path(ids[k]))}
-                   for k in range(len(ids)) if k not in shapes]
-        usable = [ids[k] for k in sorted(shapes)]
-        split_of, unsplit = layouts.assign_splits(usable, source, config.split)
-        shape_of = {ids[k]: shape for k, shape in shapes.items() if ids[k] in split_of}
-        # Write order: split by split, images sorted by id, so shards are deterministic.
-        order = {s: sorted(i for i in shape_of if split_of[i] == s) for s in layouts.SPLITS}
-
-        train_texts = [c for i in order["train"] for c in source.captions[i]]
-        if not train_texts:
-            raise TfcapError("no usable image in the train split: nothing to build a vocabulary from")
-        vocab = text.Vocabulary.build(text.tokenize(tf.constant(train_texts), config.text), config.min_count)
+        reasons = {i: r for i in ids if (r := images.quick_check(source.path(i)))}
+        split_of, unsplit = layouts.assign_splits([i for i in ids if i not in reasons], source, config.split)
+        failed: set[str] = set()
+        while True:
+            planned = {s: sorted(i for i, si in split_of.items() if si == s and i not in failed)
+                       for s in layouts.SPLITS}
+            train_texts = [c for i in planned["train"] for c in source.captions[i]]
+            if not train_texts:
+                raise TfcapError("no usable image in the train split: nothing to build a vocabulary from")
+            vocab = text.Vocabulary.build(text.tokenize(tf.constant(train_texts), config.text), config.min_count)
+            for stale in scratch.iterdir():
+                stale.unlink()
+            shards, newly_failed, n_truncated = _write_pass(scratch, source, planned, vocab, config, show_progress)
+            failed |= newly_failed
+            if not any(split_of[i] == "train" for i in newly_failed):
+                break  # the vocabulary counted exactly the train images written
         vocab.save(scratch / VOCAB)
+        reasons.update({i: images.diagnose(source.path(i)) for i in sorted(failed)})
+        skipped = [{"image": i, "reason": reasons[i]} for i in ids if i in reasons]
 
-        written = [i for s in layouts.SPLITS for i in order[s]]
-        all_texts = [c for i in written for c in source.captions[i]]
-        ids_ragged, truncated = text.encode_captions(tf.constant(all_texts, tf.string), vocab, config.text)
-        flat_ids, caption_lengths = ids_ragged.flat_values.numpy(), ids_ragged.row_lengths().numpy()
-        caption_offsets = np.concatenate([[0], np.cumsum(caption_lengths)])
-
-        sizes_by_split = {s: [source.path(i).stat().st_size for i in order[s]] for s in layouts.SPLITS}
-        shard_counts = _shard_counts(sizes_by_split, config)
         splits_manifest = {}
-        caption_index = 0
-        reader = (tf.data.Dataset.from_tensor_slices(tf.constant([str(source.path(i)) for i in written] or [""]))
-                  .take(len(written))
-                  .map(tf.io.read_file, num_parallel_calls=tf.data.AUTOTUNE)
-                  .batch(_BATCH)
-                  .prefetch(tf.data.AUTOTUNE))
-        image_bytes = (data for batch in reader for data in batch.numpy())
-        options = tf.io.TFRecordOptions(compression_type=_tf_compression(config.compression))
-        with progress_bar(len(written), "writing records", show_progress) as advance:
-            for split in layouts.SPLITS:
-                count, n_shards = len(order[split]), shard_counts[split]
-                shards, n_captions = [], 0
-                for shard in range(n_shards):
-                    lo, hi = shard * count // n_shards, (shard + 1) * count // n_shards
-                    name = shard_name(split, shard, n_shards, config.compression)
-                    with tf.io.TFRecordWriter(str(scratch / name), options) as writer:
-                        for image_id in order[split][lo:hi]:
-                            n = len(source.captions[image_id])
-                            rows = slice(caption_index, caption_index + n)
-                            height, width = shape_of[image_id]
-                            writer.write(_example(next(image_bytes), image_id, height, width,
-                                                  source.captions[image_id],
-                                                  flat_ids[caption_offsets[rows.start]:caption_offsets[rows.stop]],
-                                                  caption_lengths[rows]))
-                            caption_index += n
-                            n_captions += n
-                    advance(hi - lo)
-                    shards.append({"file": name, "records": hi - lo, "sha256": _sha256(scratch / name),
-                                   "bytes": (scratch / name).stat().st_size})
-                splits_manifest[split] = {"images": count, "captions": n_captions, "shards": shards}
-
+        for split in layouts.SPLITS:
+            kept = [i for i in planned[split] if i not in failed]
+            splits_manifest[split] = {
+                "images": len(kept), "captions": sum(len(source.captions[i]) for i in kept),
+                "shards": [{"file": s.name, "records": s.records, "sha256": _sha256(scratch / s.name),
+                            "bytes": (scratch / s.name).stat().st_size} for s in shards if s.split == split]}
+        n_images = sum(v["images"] for v in splits_manifest.values())
+        n_captions = sum(v["captions"] for v in splits_manifest.values())
         manifest = {
             "schema_version": SCHEMA_VERSION,
             "tfcap_version": tfcap.__version__,
@@ -209,9 +246,9 @@ def build_records(source: layouts.Source, out: Path, config: RecordsConfig = Rec
             "max_length": config.text.max_length,
             "compression": config.compression,
             "splits": splits_manifest,
-            "images_written": len(written),
-            "captions_written": caption_index,
-            "truncated_captions": int(truncated.numpy().sum()),
+            "images_written": n_images,
+            "captions_written": n_captions,
+            "truncated_captions": n_truncated,
             "unsplit_images": len(unsplit),
             "skipped": skipped,
             "bad_lines": source.bad_lines,
@@ -220,10 +257,9 @@ def build_records(source: layouts.Source, out: Path, config: RecordsConfig = Rec
 
     seconds = clock.seconds
     per_split = ", ".join(f"{s} {splits_manifest[s]['images']}" for s in layouts.SPLITS)
-    summary(f"build-records: {len(written)} images ({per_split}), {caption_index} captions, vocab {len(vocab)}; "
-            f"{len(skipped)} skipped, {len(unsplit)} in no split, {manifest['truncated_captions']} captions "
-            f"truncated, {len(source.bad_lines)} bad lines; {seconds:.1f} s, "
-            f"{(len(written) + len(skipped)) / max(seconds, 1e-9):.0f} images/s -> {out}")
+    summary(f"build-records: {n_images} images ({per_split}), {n_captions} captions, vocab {len(vocab)}; "
+            f"{len(skipped)} skipped, {len(unsplit)} in no split, {n_truncated} captions truncated, "
+            f"{len(source.bad_lines)} bad lines; {seconds:.1f} s, {len(ids) / max(seconds, 1e-9):.0f} images/s -> {out}")
     return manifest
 
 
