@@ -99,5 +99,55 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
     records.build_records(source, out, config, overwrite=overwrite, show_progress=not quiet)
 
 
+@main.command("train")
+@click.argument("records_dir", metavar="RECORDS", type=PathArg)
+@click.option("-o", "--out", "run_dir", type=PathArg, required=True, help="Run directory (checkpoints, logs, model).")
+@click.option("--encoder", type=click.Choice(["xception", "mobilenet", "inception_v3", "vgg16"]), default="xception",
+              show_default=True, help="Frozen ImageNet CNN.")
+@click.option("--encoder-weights", default="imagenet", show_default=True,
+              help="imagenet (Keras cache, downloaded on first use), a weights file path, or none (random).")
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="MobileNet width multiplier.")
+@click.option("--image-size", type=int, help="Encoder input side (default: the architecture's).")
+@click.option("--precision", type=click.Choice(["auto", "float32", "mixed_float16", "mixed_bfloat16"]),
+              default="auto", show_default=True, help="auto: mixed_float16 on a GPU, float32 on a CPU.")
+@click.option("--decoder", "decoder_kind", type=click.Choice(["merge", "attention"]), default="merge", show_default=True)
+@click.option("--units", type=int, default=256, show_default=True)
+@click.option("--embed-dim", type=int, default=256, show_default=True)
+@click.option("--dropout", type=float, default=0.5, show_default=True)
+@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--learning-rate", type=float, default=1e-3, show_default=True)
+@click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
+@click.option("--clip-norm", type=float, default=5.0, show_default=True)
+@click.option("--captions-per-image", type=click.Choice(["one", "all"]), default="all", show_default=True,
+              help="Per image per epoch: one random caption, or all of them.")
+@click.option("--eval-every", type=int, default=1, show_default=True, help="Epochs between val BLEU-4 (0: never).")
+@click.option("--eval-images", type=int, default=0, help="Val images decoded for BLEU-4 (0: all).")
+@click.option("--patience", type=int, default=3, show_default=True, help="Evaluations without gain before stopping.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cache-dir", type=PathArg, help="Feature cache (default: RECORDS.cache beside the records).")
+@click.option("--resume", is_flag=True, help="Continue RUN_DIR from its last checkpoint, with its saved config.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing RUN_DIR.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_size, precision, decoder_kind, units,
+                  embed_dim, dropout, epochs, batch_size, learning_rate, lr_schedule, clip_norm, captions_per_image,
+                  eval_every, eval_images, patience, seed, cache_dir, resume, overwrite, quiet):
+    """Train a captioner on RECORDS (from build-records) into RUN_DIR."""
+    from tfcap import decoder, encoder as encoders, train
+
+    if resume and overwrite:
+        raise TfcapError("--resume and --overwrite contradict each other")
+    train.train(
+        records_dir, run_dir,
+        encoder_config=encoders.EncoderConfig(name=encoder, weights=encoder_weights, image_size=image_size,
+                                              alpha=alpha),
+        decoder_config=decoder.DecoderConfig(kind=decoder_kind, units=units, embed_dim=embed_dim, dropout=dropout),
+        train_config=train.TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                                       lr_schedule=lr_schedule, clip_norm=clip_norm,
+                                       captions_per_image=captions_per_image, eval_every=eval_every,
+                                       eval_images=eval_images, patience=patience, seed=seed, precision=precision),
+        cache_dir=cache_dir, resume=resume, overwrite=overwrite, show_progress=not quiet)
+
+
 if __name__ == "__main__":
     sys.exit(main())

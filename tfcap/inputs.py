@@ -1,0 +1,84 @@
+"""tf.data input pipelines: records -> images for the encoder, and features -> caption batches.
+
+Everything stays in tf.data: parallel decode and resize, deterministic seeded shuffling (so a
+resumed run sees the same batches), padded batches, prefetch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tensorflow as tf
+
+from tfcap import images, records, text
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def image_batches(records_dir: Path, split: str, preprocess, batch_size: int) -> tf.data.Dataset:
+    """Decoded, resized, preprocessed images of a split, with their captions.
+
+    Args:
+      preprocess: maps tf.uint8 [H, W, 3] to tf.float32 [S, S, 3] (the encoder's `preprocess`).
+    Yields dicts: image [B, S, S, 3] tf.float32, image_id [B] tf.string, captions [B, (C)] tf.string,
+      caption_ids [B, (C), (words)] tf.int64.
+    """
+    def decode(example):
+        return {"image": preprocess(images.decode_rgb(example["image"])), "image_id": example["image_id"],
+                "captions": example["captions"], "caption_ids": example["caption_ids"]}
+
+    return (records.load_split(records_dir, split)
+            .map(decode, num_parallel_calls=AUTOTUNE)
+            .ragged_batch(batch_size)
+            .prefetch(AUTOTUNE))
+
+
+def with_start_end(ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Word ids [n] -> decoder input `<start> w1..wn` and target `w1..wn <end>`, each tf.int32 [n + 1]."""
+    ids = tf.cast(ids, tf.int32)
+    return (tf.concat([[text.START_ID], ids], 0), tf.concat([ids, [text.END_ID]], 0))
+
+
+def caption_batches(features: tf.data.Dataset, *, batch_size: int, feature_keys: tuple[str, ...],
+                    captions_per_image: str = "all", shuffle: bool = False, seed: int = 0, epoch: int = 0,
+                    shuffle_buffer: int = 10_000) -> tf.data.Dataset:
+    """Training or validation batches from cached features.
+
+    Args:
+      features: elements with the `feature_keys` ([C] or [L, C]) and `caption_ids` tf.int64 ragged [(C), (words)].
+      captions_per_image: "one" (a random caption of each image, drawn anew each epoch) or "all".
+      shuffle, seed, epoch: order and caption draw are a pure function of (seed, epoch), so a
+        resumed run can skip exactly the batches it already trained on.
+    Yields (features dict of [B, ...], inputs tf.int32 [B, T], targets tf.int32 [B, T]), T = longest
+      caption in the batch + 1, padded with `<pad>` = 0.
+    """
+    dataset = features.enumerate()
+    if shuffle:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
+
+    def one(index, element):
+        count = tf.shape(element["caption_ids"].row_lengths(), out_type=tf.int64)[0]
+        pick = tf.random.stateless_uniform([], seed=tf.stack([seed * 100_003 + epoch, index]), maxval=count,
+                                           dtype=tf.int64)
+        inputs, targets = with_start_end(element["caption_ids"][pick])
+        return {k: element[k] for k in feature_keys}, inputs, targets
+
+    def every(index, element):
+        feats = {k: element[k] for k in feature_keys}
+        captions = tf.data.Dataset.from_tensor_slices(element["caption_ids"])
+        return captions.map(lambda ids: (feats,) + with_start_end(ids))
+
+    if captions_per_image == "one":
+        dataset = dataset.map(one, num_parallel_calls=AUTOTUNE, deterministic=True)
+    elif captions_per_image == "all":
+        dataset = dataset.flat_map(every)
+    else:
+        raise ValueError(f"captions_per_image must be 'one' or 'all', not {captions_per_image!r}")
+    return dataset.padded_batch(batch_size).prefetch(AUTOTUNE)
+
+
+def image_feature_batches(features: tf.data.Dataset, *, batch_size: int, feature_keys: tuple[str, ...]) -> tf.data.Dataset:
+    """Per-image batches for decoding and BLEU: (features dict [B, ...], captions tf.string ragged [B, (C)], image_id [B])."""
+    return (features.map(lambda e: ({k: e[k] for k in feature_keys}, e["captions"], e["image_id"]))
+            .ragged_batch(batch_size)
+            .prefetch(AUTOTUNE))

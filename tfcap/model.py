@@ -1,0 +1,156 @@
+"""The captioner: encoder + decoder + vocabulary, rebuilt from a run directory alone.
+
+A run directory holds `config.json` (the `ModelConfig` and the training settings), `vocab.txt`,
+`encoder.weights.h5` (the frozen encoder's weights, so the run does not depend on the Keras cache
+or the original weights file) and `best.weights.h5` (the decoder's best weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+import tfcap
+from tfcap import beam, decoder as decoders, encoder as encoders, images, text
+from tfcap.errors import TfcapError
+
+CONFIG = "config.json"
+VOCAB = "vocab.txt"
+ENCODER_WEIGHTS = "encoder.weights.h5"
+DECODER_WEIGHTS = "best.weights.h5"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the captioner's graph (weights aside)."""
+
+    encoder: encoders.EncoderConfig
+    decoder: decoders.DecoderConfig
+    text: text.TextConfig
+    precision: str  # resolved dtype policy: float32 | mixed_float16 | mixed_bfloat16
+    vocab_size: int
+    vocab_sha256: str
+
+    @property
+    def max_caption_tokens(self) -> int:
+        """Longest caption the decoder generates: max_length words plus `<end>`."""
+        return self.text.max_length + 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        return cls(encoder=encoders.EncoderConfig(**d["encoder"]), decoder=decoders.DecoderConfig(**d["decoder"]),
+                   text=text.TextConfig(**d["text"]), precision=d["precision"], vocab_size=d["vocab_size"],
+                   vocab_sha256=d["vocab_sha256"])
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Build layers under a Keras dtype policy, restoring the previous one after."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def build_decoder(config: ModelConfig, feature_dim: int, grid_locations: int) -> keras.Model:
+    """The decoder with its variables created (one dummy call), under the run's precision."""
+    with dtype_policy(config.precision):
+        model = decoders.build_decoder(config.vocab_size, config.decoder)
+    dummy = {"pooled": tf.zeros([1, feature_dim]), "grid": tf.zeros([1, grid_locations, feature_dim])}
+    model(dummy, tf.zeros([1, 2], tf.int32))
+    return model
+
+
+def feature_keys(config: decoders.DecoderConfig) -> tuple[str, ...]:
+    return ("grid",) if decoders.needs_grid(config) else ("pooled",)
+
+
+class Captioner(tf.Module):
+    """Images in, captions out, all in TensorFlow graphs (the same graph that `export` saves)."""
+
+    def __init__(self, config: ModelConfig, encoder: encoders.Encoder, decoder: keras.Model, vocab: text.Vocabulary):
+        super().__init__(name="captioner")
+        self.config, self.encoder, self.decoder, self.vocab = config, encoder, decoder, vocab
+
+    def features(self, pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Preprocessed images tf.float32 [B, S, S, 3] -> {"pooled": [B, C], "grid": [B, L, C]} float32."""
+        grid = self.encoder(pixels)
+        flat = tf.reshape(grid, [tf.shape(grid)[0], -1, self.encoder.feature_dim])
+        return {"pooled": self.encoder.pool(flat), "grid": flat}
+
+    def generate(self, features: dict[str, tf.Tensor], *, beam_size: int = 3, length_penalty: float = 0.0,
+                 max_tokens: int | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Decode features to token ids.
+
+        Returns (tokens tf.int32 [B, T], scores tf.float32 [B] mean log-prob per token, lengths tf.int32 [B]).
+        """
+        state, context = self.decoder.initial_state(features)
+        max_tokens = max_tokens or self.config.max_caption_tokens
+        if beam_size == 1:
+            return beam.greedy_search(self.decoder.step, state, context, max_length=max_tokens)
+        return beam.beam_search(self.decoder.step, state, context, beam_size=beam_size, max_length=max_tokens,
+                                length_penalty=length_penalty)
+
+    def caption_features(self, features, **kwargs) -> tuple[tf.Tensor, tf.Tensor]:
+        """Features -> (captions tf.string [B], scores tf.float32 [B])."""
+        tokens, scores, _ = self.generate(features, **kwargs)
+        return self.vocab.decode(tokens), scores
+
+    def preprocess_bytes(self, data: tf.Tensor) -> tf.Tensor:
+        """One encoded image (tf.string []) -> tf.float32 [S, S, 3], ready for `features`."""
+        return self.encoder.preprocess(images.decode_rgb(data))
+
+
+def write_run_files(run_dir: Path, config: ModelConfig, vocab: text.Vocabulary, encoder: encoders.Encoder,
+                    extra: dict) -> None:
+    """config.json, vocab.txt and the encoder's weights: what `load_model` needs besides the decoder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    vocab.save(run_dir / VOCAB)
+    encoder.model.save_weights(str(run_dir / ENCODER_WEIGHTS))
+    payload = {"tfcap_version": tfcap.__version__, "model": config.to_dict(), **extra}
+    (run_dir / CONFIG).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def read_run_config(run_dir: Path) -> dict:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise TfcapError(f"{run_dir} is not a tfcap run directory (no {CONFIG}); train one with tfcap train")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_vocabulary_checked(run_dir: Path, config: ModelConfig) -> text.Vocabulary:
+    vocab = text.Vocabulary.load(Path(run_dir) / VOCAB)
+    if vocab.sha256 != config.vocab_sha256 or len(vocab) != config.vocab_size:
+        raise TfcapError(f"{Path(run_dir) / VOCAB} does not match the model ({len(vocab)} words, sha256 "
+                         f"{vocab.sha256[:12]}; config.json says {config.vocab_size} words, {config.vocab_sha256[:12]})")
+    return vocab
+
+
+def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS) -> Captioner:
+    """Rebuild the captioner from a run directory; TfcapError on a missing file or a vocab/config mismatch."""
+    run_dir = Path(run_dir)
+    config = ModelConfig.from_dict(read_run_config(run_dir)["model"])
+    vocab = load_vocabulary_checked(run_dir, config)
+    for name in (ENCODER_WEIGHTS, weights):
+        if not (run_dir / name).is_file():
+            raise TfcapError(f"{run_dir} has no {name}; was training interrupted before the first epoch ended?")
+    encoder_config = dataclasses.replace(config.encoder, weights=str(run_dir / ENCODER_WEIGHTS))
+    encoder = encoders.build_encoder(encoder_config, config.precision)
+    grid_h, grid_w = encoder.grid_shape
+    decoder = build_decoder(config, encoder.feature_dim, grid_h * grid_w)
+    try:
+        decoder.load_weights(str(run_dir / weights))
+    except (ValueError, KeyError) as e:
+        raise TfcapError(f"{run_dir / weights} does not fit the decoder in config.json: {str(e).splitlines()[0]}") from None
+    return Captioner(config, encoder, decoder, vocab)

@@ -1,0 +1,296 @@
+"""The training loop behind `tfcap train`: cached features in, a run directory out.
+
+One `tf.function` train step does teacher forcing on whole padded captions (every position in one
+pass), masked sparse cross-entropy, loss scaling under float16, global-norm gradient clipping and
+an LR schedule. Each epoch ends with the validation loss; every `eval_every` epochs, batched greedy
+decoding of the validation images gives BLEU-4, which picks the best weights and stops early.
+
+Resuming is exact: batches are a pure function of (seed, epoch), dropout is seeded by the global
+step, and the checkpoint records the step within the epoch, so an interrupted run continues with
+the very batch it would have trained on next.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import click
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfcap import decoder as decoders, encoder as encoders, features, inputs, metrics, model as models, records, text
+from tfcap.errors import TfcapError
+from tfcap.progress import Stopwatch, summary
+
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+LOGS = "logs"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How the decoder is trained. Saved in config.json; a resumed run must use the same."""
+
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    lr_schedule: str = "cosine"  # cosine (to 10% over the run, after warmup) | constant
+    warmup_steps: int = 100
+    clip_norm: float = 5.0
+    captions_per_image: str = "all"  # one (a random caption per image per epoch) | all
+    eval_every: int = 1  # epochs between validation BLEU-4 evaluations; 0: never
+    eval_images: int = 0  # validation images decoded for BLEU-4; 0: all
+    patience: int = 3  # evaluations without BLEU-4 improvement before stopping early; 0: never stop
+    seed: int = 0
+    precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
+
+    def __post_init__(self):
+        if self.captions_per_image not in ("one", "all"):
+            raise TfcapError("--captions-per-image must be one or all")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise TfcapError("--lr-schedule must be cosine or constant")
+        if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise TfcapError("--epochs, --batch-size and --learning-rate must be positive")
+
+
+def masked_cross_entropy(targets: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mean cross-entropy over non-pad targets.
+
+    Args:
+      targets: tf.int32 [B, T]; logits: tf.float32 [B, T, V].
+    Returns:
+      (mean loss tf.float32 [], number of target tokens tf.float32 []).
+    """
+    mask = tf.cast(tf.not_equal(targets, text.PAD_ID), tf.float32)
+    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=tf.cast(logits, tf.float32))
+    tokens = tf.reduce_sum(mask)
+    return tf.reduce_sum(losses * mask) / tf.maximum(tokens, 1.0), tokens
+
+
+def _schedule(config: TrainConfig, total_steps: int):
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    warmup = min(config.warmup_steps, max(total_steps // 10, 1))
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=config.learning_rate * 0.1, decay_steps=max(total_steps - warmup, 1), alpha=0.1,
+        warmup_target=config.learning_rate, warmup_steps=warmup)
+
+
+def _steps_per_epoch(manifest: dict, split: str, config: TrainConfig) -> int:
+    n = manifest["splits"][split]["images" if config.captions_per_image == "one" else "captions"]
+    return max(1, math.ceil(n / config.batch_size))
+
+
+class _Trainer:
+    """State and compiled steps of one run; `fit` is the epoch loop."""
+
+    def __init__(self, captioner: models.Captioner, train_config: TrainConfig, total_steps: int, run_dir: Path):
+        self.captioner, self.config, self.run_dir = captioner, train_config, run_dir
+        self.decoder = captioner.decoder
+        self.keys = models.feature_keys(captioner.config.decoder)
+        optimizer = keras.optimizers.Adam(_schedule(train_config, total_steps), global_clipnorm=train_config.clip_norm)
+        if captioner.config.precision == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # float16 gradients underflow otherwise
+        self.optimizer = optimizer
+        self.optimizer.build(self.decoder.trainable_variables)
+        self.epoch = tf.Variable(0, dtype=tf.int64, name="epoch")  # completed epochs
+        self.step_in_epoch = tf.Variable(0, dtype=tf.int64, name="step_in_epoch")
+        self.global_step = tf.Variable(0, dtype=tf.int64, name="global_step")
+        self.best_score = tf.Variable(-np.inf, dtype=tf.float64, name="best_score")
+        self.bad_evals = tf.Variable(0, dtype=tf.int64, name="bad_evals")
+        self.checkpoint = tf.train.Checkpoint(decoder=self.decoder, optimizer=self.optimizer, epoch=self.epoch,
+                                              step_in_epoch=self.step_in_epoch, global_step=self.global_step,
+                                              best_score=self.best_score, bad_evals=self.bad_evals)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(run_dir / CHECKPOINTS), max_to_keep=2)
+        self.train_step = tf.function(self._train_step, reduce_retracing=True)
+        self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
+        self.decode_step = tf.function(
+            lambda feats: captioner.generate(feats, beam_size=1)[0], reduce_retracing=True)
+
+    def _train_step(self, feats, inputs_, targets):
+        seed = tf.stack([tf.constant(self.config.seed, tf.int64), self.global_step])
+        with tf.GradientTape() as tape:
+            logits, penalty = self.decoder(feats, inputs_, seed=seed)
+            loss, tokens = masked_cross_entropy(targets, logits)
+            total = loss + penalty
+            scaled = self.optimizer.scale_loss(total)
+        gradients = tape.gradient(scaled, self.decoder.trainable_variables)
+        self.optimizer.apply(gradients, self.decoder.trainable_variables)
+        self.global_step.assign_add(1)
+        return loss, tokens
+
+    def _eval_step(self, feats, inputs_, targets):
+        logits, _ = self.decoder(feats, inputs_)
+        loss, tokens = masked_cross_entropy(targets, logits)
+        return loss * tokens, tokens
+
+    def learning_rate(self) -> float:
+        lr = self.optimizer.learning_rate
+        return float(lr.numpy() if hasattr(lr, "numpy") else lr)
+
+    def validation_loss(self, val_features) -> float:
+        total, count = 0.0, 0.0
+        for feats, inputs_, targets in inputs.caption_batches(val_features, batch_size=self.config.batch_size,
+                                                              feature_keys=self.keys, captions_per_image="all"):
+            loss_sum, tokens = self.eval_step(feats, inputs_, targets)
+            total, count = total + float(loss_sum), count + float(tokens)
+        return total / max(count, 1.0)
+
+    def bleu4(self, val_features) -> float:
+        """Corpus BLEU-4 of greedy captions of the validation images (coco-caption's definition)."""
+        data = val_features.take(self.config.eval_images) if self.config.eval_images else val_features
+        references, hypotheses = {}, {}
+        for feats, captions, image_ids in inputs.image_feature_batches(data, batch_size=128, feature_keys=self.keys):
+            decoded = self.captioner.vocab.decode(self.decode_step(feats)).numpy()
+            for image_id, hypothesis, refs in zip(image_ids.numpy(), decoded, captions.to_list()):
+                references[image_id] = [r.decode("utf-8") for r in refs]
+                hypotheses[image_id] = hypothesis.decode("utf-8")
+        return metrics.score_bleu(
+            {k: [metrics.ptb_tokenize(r) for r in v] for k, v in references.items()},
+            {k: metrics.ptb_tokenize(v) for k, v in hypotheses.items()})[0][3]
+
+    def fit(self, train_features, val_features, steps_per_epoch: int, show_progress: bool) -> dict:
+        writer = tf.summary.create_file_writer(str(self.run_dir / LOGS))
+        clock, last = Stopwatch(), {}
+        while int(self.epoch) < self.config.epochs:
+            epoch, skip = int(self.epoch), int(self.step_in_epoch)
+            batches = inputs.caption_batches(
+                train_features, batch_size=self.config.batch_size, feature_keys=self.keys,
+                captions_per_image=self.config.captions_per_image, shuffle=True, seed=self.config.seed,
+                epoch=epoch).skip(skip)
+            epoch_clock, loss_sum, token_sum, seen = Stopwatch(), 0.0, 0.0, 0
+            first_loss = None
+            label = f"epoch {epoch + 1}/{self.config.epochs}"
+            bar = click.progressbar(length=steps_per_epoch, label=label, file=sys.stderr, show_pos=True,
+                                    item_show_func=lambda s: s, width=24) if show_progress else None
+            try:
+                if bar:
+                    bar.__enter__()
+                    bar.update(skip)
+                for feats, inputs_, targets in batches:
+                    loss, tokens = self.train_step(feats, inputs_, targets)
+                    self.step_in_epoch.assign_add(1)
+                    loss, tokens = float(loss), float(tokens)
+                    first_loss = loss if first_loss is None else first_loss
+                    loss_sum, token_sum, seen = loss_sum + loss * tokens, token_sum + tokens, seen + 1
+                    if bar:
+                        bar.update(1, f"loss {loss:.3f} {token_sum / epoch_clock.seconds:,.0f} tok/s")
+            except KeyboardInterrupt:
+                path = self.manager.save(checkpoint_number=int(self.global_step))
+                click.echo(f"\ninterrupted: checkpoint {path} saved at epoch {epoch + 1}, step "
+                           f"{int(self.step_in_epoch)}; continue with --resume", err=True)
+                raise
+            finally:
+                if bar:
+                    bar.__exit__(None, None, None)
+            seconds = epoch_clock.seconds
+            record = {"epoch": epoch + 1, "loss": loss_sum / max(token_sum, 1.0), "first_batch_loss": first_loss,
+                      "val_loss": self.validation_loss(val_features), "learning_rate": self.learning_rate(),
+                      "tokens_per_s": token_sum / max(seconds, 1e-9), "epoch_seconds": seconds, "steps": seen}
+            improved = False
+            if self.config.eval_every and (epoch + 1) % self.config.eval_every == 0:
+                record["val_bleu4"] = self.bleu4(val_features)
+                improved = record["val_bleu4"] > float(self.best_score)
+                score = record["val_bleu4"]
+            elif not self.config.eval_every:
+                improved = -record["val_loss"] > float(self.best_score)  # no BLEU: best by validation loss
+                score = -record["val_loss"]
+            if improved:
+                self.best_score.assign(score)
+                self.bad_evals.assign(0)
+                self.decoder.save_weights(str(self.run_dir / ".best.weights.h5"))
+                Path(self.run_dir / ".best.weights.h5").replace(self.run_dir / models.DECODER_WEIGHTS)
+            elif "val_bleu4" in record:
+                self.bad_evals.assign_add(1)
+            record["best"] = improved
+            with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            with writer.as_default(step=epoch + 1):
+                for key in ("loss", "val_loss", "val_bleu4", "learning_rate", "tokens_per_s"):
+                    if key in record:
+                        tf.summary.scalar(key, record[key])
+            click.echo(f"epoch {epoch + 1}: loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}"
+                       + (f", val BLEU-4 {record['val_bleu4']:.4f}" if "val_bleu4" in record else "")
+                       + f", {record['tokens_per_s']:,.0f} tokens/s, {seconds:.1f} s" + (" (best)" if improved else ""),
+                       err=True)
+            self.epoch.assign_add(1)
+            self.step_in_epoch.assign(0)
+            self.manager.save(checkpoint_number=int(self.global_step))
+            last = record
+            if self.config.patience and int(self.bad_evals) >= self.config.patience:
+                click.echo(f"early stop: no BLEU-4 improvement in {self.config.patience} evaluations", err=True)
+                break
+        writer.close()
+        return {"epochs": int(self.epoch), "seconds": clock.seconds, "best_score": float(self.best_score), **last}
+
+
+def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderConfig = encoders.EncoderConfig(),
+          decoder_config: decoders.DecoderConfig = decoders.DecoderConfig(),
+          train_config: TrainConfig = TrainConfig(), cache_dir: Path | None = None, resume: bool = False,
+          overwrite: bool = False, show_progress: bool = True) -> dict:
+    """Train a captioner on RECORDS into RUN_DIR; return the final epoch's metrics and totals.
+
+    With `resume`, the configuration saved in RUN_DIR is used (the arguments are ignored, except
+    that the records must be the ones it was trained on) and training continues from the last
+    checkpoint.
+    """
+    records_dir, run_dir = Path(records_dir), Path(run_dir)
+    manifest = records.read_manifest(records_dir)
+    vocab = records.load_vocabulary(records_dir)
+    if resume:
+        saved = models.read_run_config(run_dir)
+        model_config = models.ModelConfig.from_dict(saved["model"])
+        train_config = TrainConfig(**saved["train"])
+        if model_config.vocab_sha256 != vocab.sha256:
+            raise TfcapError(f"{records_dir} has a different vocabulary from the one {run_dir} was trained on "
+                             f"({vocab.sha256[:12]} vs {model_config.vocab_sha256[:12]})")
+        encoder_config = dataclasses.replace(model_config.encoder, weights=str(run_dir / models.ENCODER_WEIGHTS))
+        encoder = encoders.build_encoder(encoder_config, model_config.precision)
+    else:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not overwrite:
+                raise TfcapError(f"{run_dir} already exists; pass --resume to continue it or --overwrite to replace it")
+            shutil.rmtree(run_dir)
+        precision = encoders.resolve_precision(train_config.precision)
+        encoder = encoders.build_encoder(encoder_config, precision)
+        model_config = models.ModelConfig(encoder=encoder_config, decoder=decoder_config,
+                                          text=text.TextConfig(**manifest["text"]), precision=precision,
+                                          vocab_size=len(vocab), vocab_sha256=vocab.sha256)
+    keras.utils.set_random_seed(train_config.seed)  # decoder initialization
+    with_grid = decoders.needs_grid(model_config.decoder)
+    train_features = features.features_for(records_dir, "train", encoder, with_grid, cache_dir=cache_dir,
+                                           show_progress=show_progress)
+    val_features = features.features_for(records_dir, "val", encoder, with_grid, cache_dir=cache_dir,
+                                         show_progress=show_progress)
+    grid_h, grid_w = encoder.grid_shape
+    decoder = models.build_decoder(model_config, encoder.feature_dim, grid_h * grid_w)
+    captioner = models.Captioner(model_config, encoder, decoder, vocab)
+    if not resume:
+        models.write_run_files(run_dir, model_config, vocab, encoder, {
+            "train": dataclasses.asdict(train_config),
+            "records": {"path": str(records_dir.resolve()), "vocab_sha256": manifest["vocab_sha256"],
+                        "train_images": manifest["splits"]["train"]["images"]}})
+    steps_per_epoch = _steps_per_epoch(manifest, "train", train_config)
+    trainer = _Trainer(captioner, train_config, steps_per_epoch * train_config.epochs, run_dir)
+    if resume:
+        latest = trainer.manager.latest_checkpoint
+        if latest is None:
+            raise TfcapError(f"{run_dir} has no checkpoint to resume from")
+        trainer.checkpoint.restore(latest).assert_existing_objects_matched()
+        click.echo(f"resuming {run_dir} at epoch {int(trainer.epoch) + 1}, step {int(trainer.step_in_epoch)}",
+                   err=True)
+    result = trainer.fit(train_features, val_features, steps_per_epoch, show_progress)
+    if not (run_dir / models.DECODER_WEIGHTS).exists():
+        decoder.save_weights(str(run_dir / models.DECODER_WEIGHTS))
+    summary(f"train: {result['epochs']} epochs in {result['seconds']:.1f} s"
+            + (f", last {result.get('tokens_per_s', 0):,.0f} tokens/s" if "tokens_per_s" in result else "")
+            + (f", best val BLEU-4 {result['best_score']:.4f}" if train_config.eval_every else "")
+            + f" -> {run_dir}")
+    return result
