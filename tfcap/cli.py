@@ -149,5 +149,104 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
         cache_dir=cache_dir, resume=resume, overwrite=overwrite, show_progress=not quiet)
 
 
+def _decoding_options(f):
+    f = click.option("--length-penalty", type=float, default=None,
+                     help="alpha in sum_logp / length**alpha for ranking beams (default 0).")(f)
+    f = click.option("--beam-size", type=int, default=None, help="Beam width; 1 is greedy (default 3).")(f)
+    return click.option("--model", "model_path", type=PathArg, required=True,
+                        help="Run directory from tfcap train, or a SavedModel from tfcap export.")(f)
+
+
+@main.command("caption-dir")
+@click.argument("images_dir", metavar="IMAGES", type=PathArg)
+@click.option("-o", "--out", type=PathArg, required=True, help="Output CSV (or JSON Lines with --format jsonl).")
+@_decoding_options
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-pixels", type=int, default=None, help="Refuse images whose header declares more pixels.")
+@click.option("--no-recursive", is_flag=True, help="Only the top folder.")
+@click.option("--gallery", "gallery_path", type=PathArg, help="Also write an HTML gallery of the results here.")
+@click.option("--strict", is_flag=True, help="Exit 1 if any image failed.")
+@click.option("--resume", is_flag=True, help="Append the images missing from an existing output.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, fmt, batch_size, max_pixels,
+                        no_recursive, gallery_path, strict, resume, overwrite, quiet):
+    """Caption every image under IMAGES (jpg, png, gif, bmp, webp) into a CSV."""
+    from tfcap import caption, export, images, outputs
+
+    config = caption.CaptionConfig(beam_size=beam_size or 3, length_penalty=length_penalty or 0.0,
+                                   batch_size=batch_size, max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS,
+                                   recursive=not no_recursive)
+    if gallery_path:
+        outputs.refuse_existing(gallery_path, overwrite or resume)
+    caption.find_images(images_dir, config.recursive)  # a wrong folder fails before the model loads
+    predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty)
+    result = caption.caption_directory(predictor, images_dir, out, config, fmt=fmt, overwrite=overwrite,
+                                       resume=resume, show_progress=not quiet)
+    if gallery_path:
+        from tfcap.gallery import write_gallery
+        write_gallery(out, images_dir, gallery_path, overwrite=True, progress=not quiet)
+        click.echo(f"gallery: {gallery_path}", err=True)
+    if strict and result["failed"]:
+        sys.exit(1)
+
+
+@main.command("caption")
+@click.argument("image_paths", metavar="IMAGE...", type=PathArg, nargs=-1, required=True)
+@_decoding_options
+def caption_command(image_paths, model_path, beam_size, length_penalty):
+    """Print PATH<TAB>CAPTION for a few images (errors go to stderr, exit 1)."""
+    from tfcap import caption, export
+
+    predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty)
+    config = caption.CaptionConfig(beam_size=beam_size or 3, length_penalty=length_penalty or 0.0)
+    failed = 0
+    for path, text_, error in caption.iter_captions(predictor, list(image_paths), config):
+        if error:
+            failed += 1
+            click.echo(f"{path}: {error}", err=True)
+        else:
+            click.echo(f"{path}\t{text_}")
+    if failed:
+        sys.exit(1)
+
+
+@main.command("export")
+@click.argument("run_dir", metavar="RUN_DIR", type=PathArg)
+@click.option("-o", "--out", type=PathArg, required=True, help="SavedModel folder to write.")
+@click.option("--beam-size", type=int, default=3, show_default=True)
+@click.option("--length-penalty", type=float, default=0.0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+def export_command(run_dir, out, beam_size, length_penalty, overwrite):
+    """Export RUN_DIR as a SavedModel: image bytes in, captions and scores out."""
+    from tfcap import export
+    from tfcap.progress import Stopwatch, summary
+
+    clock = Stopwatch()
+    export.export(run_dir, out, beam_size=beam_size, length_penalty=length_penalty, overwrite=overwrite)
+    summary(f"export: {run_dir} -> {out} (beam size {beam_size}) in {clock.seconds:.1f} s")
+
+
+@main.command("gallery")
+@click.argument("predictions", type=PathArg)
+@click.option("--images", "images_dir", type=PathArg, required=True, help="Folder the path column is relative to.")
+@click.option("-o", "--out", type=PathArg, required=True, help="HTML file to write.")
+@click.option("--thumb-size", type=int, default=256, show_default=True)
+@click.option("--title", default=None)
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, quiet):
+    """One self-contained HTML page of thumbnails with their captions, from a caption-dir output."""
+    from tfcap.gallery import write_gallery
+    from tfcap.progress import summary
+
+    s = write_gallery(predictions, images_dir, out, thumb_size=thumb_size, title=title, overwrite=overwrite,
+                      progress=not quiet)
+    mean = "n/a" if s["mean_score"] is None else f"{s['mean_score']:.3f}"
+    summary(f"gallery: {s['ok']} ok, {s['failed']} failed ({s['unreadable']} unreadable now), "
+            f"mean score {mean} -> {out}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -48,7 +48,19 @@ def _dropout(x: tf.Tensor, rate: float, seed: tf.Tensor | None, salt: int) -> tf
     return tf.nn.experimental.stateless_dropout(x, rate, seed=seed + tf.constant([0, salt], seed.dtype))
 
 
-class MergeDecoder(keras.Model):
+class _Decoder(keras.Model):
+    """Shared by both decoders: no Keras auto-generated SavedModel signature.
+
+    Keras traces a `serving_default` for every model that `tf.saved_model.save` meets, calling it
+    with one input; a decoder takes (features, tokens), and `tfcap export` defines its own signatures.
+    """
+
+    @property
+    def _default_save_signature(self):
+        return None
+
+
+class MergeDecoder(_Decoder):
     """The classic notebook captioner, trained on all positions at once.
 
     image vector -> Dense(relu);  caption -> Embedding -> LSTM;  add -> Dense(relu) -> Dense(vocab).
@@ -101,7 +113,7 @@ class MergeDecoder(keras.Model):
         return tf.nn.log_softmax(logits), (h, c)
 
 
-class AttentionDecoder(keras.Model):
+class AttentionDecoder(_Decoder):
     """Show, Attend and Tell (Xu et al. 2015): an LSTM with soft attention over the spatial grid.
 
     The initial state comes from the mean feature; each step attends over the L grid locations

@@ -6,6 +6,7 @@ an exported model) decodes through `decode_rgb`, so a file that works in one wor
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import tensorflow as tf
@@ -167,7 +168,9 @@ def diagnose(path: Path) -> str:
     try:
         validate(tf.constant(Path(path).read_bytes()))
     except tf.errors.OpError as e:
-        message = e.message.strip().splitlines()[-1] if e.message.strip() else "decode failed"
+        # Eager errors start with "{{function_node __wrapped__...}}": noise for a reader.
+        message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", e.message).strip()
+        message = message.splitlines()[-1] if message else "decode failed"
         return f"truncated or corrupt ({message[:120]})"
     except OSError as e:
         return f"unreadable ({e.strerror})"

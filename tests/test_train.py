@@ -1,0 +1,150 @@
+"""`tfcap train` on generated data: it learns, resumes exactly, reuses its cache, refuses mismatches."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from tfcap import decoder, encoder, images, model, records, train
+from tfcap.cli import main
+from tfcap.errors import TfcapError
+
+# Eight images, each with its own caption: a handful a tiny model can memorize.
+WORDS = ["red", "green", "blue", "pink", "cat", "dog", "bird", "fish"]
+CAPTIONS = [f"a {WORDS[i % 4]} {WORDS[4 + i // 2 % 4]} sits" for i in range(8)]
+TINY_ENCODER = encoder.EncoderConfig(name="mobilenet", alpha=0.25, image_size=32, weights="none")
+
+
+def tile(i: int) -> bytes:
+    """A 32x32 PNG of a colour of its own (random noise would look alike to a random-init CNN)."""
+    rng = np.random.default_rng(i)
+    color = np.array([(i * 97) % 256, (i * 53 + 80) % 256, (i * 151 + 30) % 256])
+    pixels = np.clip(color + rng.normal(0, 8, (32, 32, 3)), 0, 255).astype(np.uint8)
+    return tf.io.encode_png(pixels).numpy()
+
+
+@pytest.fixture(scope="module")
+def tiny_records(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "img").mkdir()
+    with open(root / "c.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "caption", "split"])
+        for i, caption in enumerate(CAPTIONS):
+            (root / "img" / f"{i}.png").write_bytes(tile(i))
+            w.writerow([f"{i}.png", caption, "train"])
+            w.writerow([f"{i}.png", caption, "train"])
+        for i in range(2):  # validation images share the training captions
+            (root / "img" / f"v{i}.png").write_bytes(tile(i))
+            w.writerow([f"v{i}.png", CAPTIONS[i], "val"])
+    out = root / "rec"
+    result = CliRunner().invoke(main, ["build-records", "--captions", str(root / "c.csv"), "--images",
+                                       str(root / "img"), "-o", str(out), "--min-count", "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def fit(records_dir, run_dir, cache_dir, *, kind="merge", epochs=30, **overrides):
+    config = dict(epochs=epochs, batch_size=8, learning_rate=0.01, lr_schedule="constant", eval_every=0,
+                  patience=0, seed=1)
+    config.update(overrides)
+    return train.train(records_dir, run_dir, encoder_config=TINY_ENCODER,
+                       decoder_config=decoder.DecoderConfig(kind=kind, units=32, embed_dim=16, dropout=0.0,
+                                                            attention_dim=16),
+                       train_config=train.TrainConfig(**config), cache_dir=cache_dir, show_progress=False)
+
+
+def epochs_logged(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("kind", ["merge", "attention"])
+def test_tiny_model_overfits_and_greedy_decoding_reproduces_training_captions(tiny_records, tmp_path, kind):
+    fit(tiny_records, tmp_path / "run", tmp_path / "cache", kind=kind, epochs=15, batch_size=4)
+    log = epochs_logged(tmp_path / "run")
+    assert log[-1]["loss"] < log[0]["first_batch_loss"] / 10
+    captioner = model.load_model(tmp_path / "run")
+    reproduced = 0
+    for example in records.iterate_examples(tiny_records, "train"):
+        pixels = captioner.preprocess_bytes(tf.constant(example["image"]))[None]
+        caption, _ = captioner.caption_features(captioner.features(pixels), beam_size=1)
+        reproduced += caption.numpy()[0].decode() == example["captions"][0].decode()
+    assert reproduced >= 6, f"only {reproduced} of 8 training captions reproduced"
+
+
+def test_run_directory_holds_everything_to_rebuild_the_model(tiny_records, tmp_path):
+    fit(tiny_records, tmp_path / "run", tmp_path / "cache", epochs=1)
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["encoder"]["name"] == "mobilenet" and config["model"]["precision"] == "float32"
+    assert config["model"]["vocab_sha256"] == records.load_vocabulary(tiny_records).sha256
+    for name in ("vocab.txt", "encoder.weights.h5", "best.weights.h5", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert list((run / "logs").iterdir()), "TensorBoard summaries"
+    assert isinstance(model.load_model(run), model.Captioner)
+
+
+def test_same_seed_gives_the_same_first_epoch_loss(tiny_records, tmp_path):
+    fit(tiny_records, tmp_path / "a", tmp_path / "cache", epochs=1, seed=5)
+    fit(tiny_records, tmp_path / "b", tmp_path / "cache", epochs=1, seed=5)
+    fit(tiny_records, tmp_path / "c", tmp_path / "cache", epochs=1, seed=6)
+    a, b, c = (epochs_logged(tmp_path / r)[0]["loss"] for r in "abc")
+    assert a == b and a != c
+
+
+def test_interrupted_then_resumed_run_ends_in_the_same_state(tiny_records, tmp_path, monkeypatch):
+    kwargs = dict(epochs=3, captions_per_image="one", batch_size=4)
+    fit(tiny_records, tmp_path / "straight", tmp_path / "cache", **kwargs)
+
+    real_step = train._Trainer._train_step
+    calls = {"n": 0}
+
+    def interrupt_at_fifth_step(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 5:  # mid-way through epoch 3 (2 steps per epoch)
+            raise KeyboardInterrupt
+        return real_step(self, *args)
+
+    monkeypatch.setattr(train._Trainer, "_train_step", interrupt_at_fifth_step)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_records, tmp_path / "resumed", tmp_path / "cache", **kwargs)
+    monkeypatch.setattr(train._Trainer, "_train_step", real_step)
+    train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tmp_path / "cache", show_progress=False)
+
+    straight, resumed = model.load_model(tmp_path / "straight"), model.load_model(tmp_path / "resumed")
+    for a, b in zip(straight.decoder.weights, resumed.decoder.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+    assert [e["epoch"] for e in epochs_logged(tmp_path / "resumed")] == [1, 2, 3]
+
+
+def test_second_run_reuses_the_feature_cache_without_decoding_an_image(tiny_records, tmp_path, monkeypatch):
+    fit(tiny_records, tmp_path / "first", tmp_path / "cache", epochs=1)
+
+    def no_decoding(data):
+        raise AssertionError("an image was decoded although the features are cached")
+
+    monkeypatch.setattr(images, "decode_rgb", no_decoding)
+    fit(tiny_records, tmp_path / "second", tmp_path / "cache", epochs=1)
+    assert epochs_logged(tmp_path / "second")[0]["loss"] == epochs_logged(tmp_path / "first")[0]["loss"]
+
+
+def test_mismatched_vocabulary_is_refused(tiny_records, tmp_path):
+    fit(tiny_records, tmp_path / "run", tmp_path / "cache", epochs=1)
+    vocab_file = tmp_path / "run" / "vocab.txt"
+    vocab_file.write_text(vocab_file.read_text().replace("cat", "tiger"))
+    with pytest.raises(TfcapError, match="does not match the model"):
+        model.load_model(tmp_path / "run")
+
+
+def test_existing_run_is_refused_and_bad_options_are_one_line_errors(tiny_records, tmp_path):
+    fit(tiny_records, tmp_path / "run", tmp_path / "cache", epochs=1)
+    result = CliRunner().invoke(main, ["train", str(tiny_records), "-o", str(tmp_path / "run"), "--quiet"])
+    assert result.exit_code == 2 and "--resume" in result.output
+    result = CliRunner().invoke(main, ["train", str(tmp_path), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "not a records folder" in result.output

@@ -1,0 +1,205 @@
+"""Captioning whole directories: the library behind `tfcap caption-dir` and `tfcap caption`.
+
+One tf.data pipeline reads, checks the header size of, decodes and preprocesses files in
+parallel; batches go through one `tf.function` (encoder, beam search, detokenization). A file
+that fails (missing, empty, not an image, truncated, too many pixels) drops out of the pipeline
+and gets an error row in its place; the batch goes on.
+
+Output rows (CSV or JSON Lines): path (relative to the images folder), caption, score (mean
+log-probability per token), error (empty when fine), one per candidate file in walk order. Each
+batch's rows are appended with a single write and flushed, so a killed run leaves only whole
+rows, and `resume` appends exactly the missing ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import tensorflow as tf
+
+from tfcap import images
+from tfcap.errors import TfcapError
+from tfcap.outputs import refuse_existing
+from tfcap.progress import Stopwatch, progress_bar, summary
+
+COLUMNS = ("path", "caption", "score", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionConfig:
+    """How images are captioned."""
+
+    beam_size: int = 3
+    length_penalty: float = 0.0
+    batch_size: int = 32
+    max_pixels: int = images.DEFAULT_MAX_PIXELS  # refuse larger images by their header, before decoding
+    recursive: bool = True
+
+
+def find_images(root: Path, recursive: bool = True) -> list[str]:
+    """Image files under `root` (by extension, any case), as sorted relative POSIX paths.
+
+    Symlinked folders are followed once each: a folder already visited (same device and inode)
+    is not entered again, so symlink loops end.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise TfcapError(f"{root} is not a directory")
+    found, visited = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        try:
+            stat = os.stat(folder)
+        except OSError:
+            subfolders[:] = []
+            continue
+        if (stat.st_dev, stat.st_ino) in visited:
+            subfolders[:] = []
+            continue
+        visited.add((stat.st_dev, stat.st_ino))
+        relative = Path(folder).relative_to(root)
+        found.extend((relative / f).as_posix() for f in files if f.lower().endswith(images.EXTENSIONS))
+        subfolders.sort()
+        if not recursive:
+            subfolders[:] = []
+    return sorted(found)
+
+
+def _too_large_check(data: tf.Tensor, max_pixels: int) -> tf.Tensor:
+    shape = images.header_shape(data)
+    return tf.debugging.assert_less_equal(shape[0] * shape[1], tf.constant(max_pixels, tf.int64),
+                                          message="too many pixels")
+
+
+def diagnose(path: Path, max_pixels: int) -> str:
+    """The error text of a file that dropped out of the pipeline."""
+    reason = images.quick_check(path)
+    if reason:
+        return reason
+    shape = images.header_shape(tf.constant(Path(path).read_bytes())).numpy()
+    if shape[0] * shape[1] > max_pixels:
+        return f"too large ({shape[1]}x{shape[0]} = {shape[0] * shape[1]} pixels > --max-pixels {max_pixels})"
+    return images.diagnose(path)
+
+
+def pixel_batches(root: Path, paths: list[str], preprocess, config: CaptionConfig) -> tf.data.Dataset:
+    """(index tf.int64 [B], pixels tf.float32 [B, S, S, 3]) of the files that load; failures drop out."""
+    def load(index, path):
+        data = tf.io.read_file(path)
+        with tf.control_dependencies([_too_large_check(data, config.max_pixels)]):
+            return index, preprocess(data)
+
+    full = tf.constant([str(Path(root) / p) for p in paths] or [""], tf.string)
+    return (tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), full))
+            .take(len(paths))
+            .map(load, num_parallel_calls=tf.data.AUTOTUNE)
+            .ignore_errors()
+            .batch(config.batch_size)
+            .prefetch(tf.data.AUTOTUNE))
+
+
+def _format_rows(rows: list[dict], fmt: str) -> str:
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    buffer = io.StringIO()
+    csv.DictWriter(buffer, COLUMNS, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of an existing output (CSV or JSON Lines by extension); a cut-off last line is ignored."""
+    text = Path(path).read_text(encoding="utf-8")
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    if Path(path).suffix.lower() in (".jsonl", ".json"):
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def _open_output(out: Path, fmt: str, overwrite: bool, resume: bool) -> tuple[int, set[str]]:
+    """Prepare `out` for appending; return (its file descriptor, paths already captioned)."""
+    done: set[str] = set()
+    if out.exists() and resume:
+        size = out.stat().st_size
+        text = out.read_bytes()
+        keep = text.rfind(b"\n") + 1  # a row cut by a kill has no newline yet: drop it
+        if keep < size:
+            os.truncate(out, keep)
+        rows = read_rows(out)
+        if fmt == "csv" and keep and not text.startswith(",".join(COLUMNS).encode()):
+            raise TfcapError(f"{out} is not a caption-dir CSV (header is not {','.join(COLUMNS)}); cannot --resume")
+        done = {r["path"] for r in rows}
+    else:
+        refuse_existing(out, overwrite, "--overwrite (or --resume to complete it)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(",".join(COLUMNS) + "\n" if fmt == "csv" else "", encoding="utf-8")
+    return os.open(out, os.O_WRONLY | os.O_APPEND), done
+
+
+def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionConfig = CaptionConfig(), *,
+                      fmt: str = "csv", overwrite: bool = False, resume: bool = False,
+                      show_progress: bool = True) -> dict:
+    """Caption every image under `images_dir` into `out`; return counts and timing.
+
+    `captioner` is anything with `preprocess_bytes(tf.string []) -> [S, S, 3]` and
+    `caption_pixels(pixels [B, S, S, 3]) -> (captions tf.string [B], scores tf.float32 [B])`:
+    a `tfcap.export.Predictor` over a run directory or an exported SavedModel.
+    """
+    if fmt not in ("csv", "jsonl"):
+        raise TfcapError(f"--format must be csv or jsonl, not {fmt}")
+    if overwrite and resume:
+        raise TfcapError("--overwrite and --resume contradict each other")
+    images_dir, out = Path(images_dir), Path(out)
+    all_paths = find_images(images_dir, config.recursive)
+    fd, done = _open_output(out, fmt, overwrite, resume)
+    todo = [p for p in all_paths if p not in done]
+    clock, ok, failed = Stopwatch(), 0, 0
+    try:
+        with progress_bar(len(todo), "captioning", show_progress) as advance:
+            next_index = 0  # rows are written in walk order: everything before this is written
+            for indices, pixels in pixel_batches(images_dir, todo, captioner.preprocess_bytes, config):
+                captions, scores = captioner.caption_pixels(pixels)
+                rows = []
+                for index, caption, score in zip(indices.numpy(), captions.numpy(), scores.numpy()):
+                    for missing in range(next_index, int(index)):  # files that dropped out before this one
+                        rows.append({"path": todo[missing], "caption": "", "score": "",
+                                     "error": diagnose(images_dir / todo[missing], config.max_pixels)})
+                    rows.append({"path": todo[index], "caption": caption.decode("utf-8"),
+                                 "score": f"{float(score):.4f}", "error": ""})
+                    next_index = int(index) + 1
+                os.write(fd, _format_rows(rows, fmt).encode("utf-8"))  # one write: whole rows only
+                failed += sum(1 for r in rows if r["error"])
+                ok += sum(1 for r in rows if not r["error"])
+                advance(len(rows))
+            rows = [{"path": todo[m], "caption": "", "score": "",
+                     "error": diagnose(images_dir / todo[m], config.max_pixels)} for m in range(next_index, len(todo))]
+            if rows:
+                os.write(fd, _format_rows(rows, fmt).encode("utf-8"))
+                failed += len(rows)
+                advance(len(rows))
+    finally:
+        os.close(fd)
+    seconds = clock.seconds
+    summary(f"caption-dir: {ok + failed} images ({ok} ok, {failed} failed"
+            + (f", {len(done)} already done" if done else "") + f") in {seconds:.1f} s, "
+            f"{(ok + failed) / max(seconds, 1e-9):.1f} images/s -> {out}")
+    return {"images": ok + failed, "ok": ok, "failed": failed, "skipped_done": len(done), "seconds": seconds}
+
+
+def iter_captions(captioner, paths: list[Path], config: CaptionConfig = CaptionConfig()) -> Iterator[tuple[str, str, str]]:
+    """(path, caption, error) for a few image files, in the given order (`tfcap caption`)."""
+    paths = [Path(p) for p in paths]
+    results: dict[int, tuple[str, str]] = {}
+    for indices, pixels in pixel_batches(Path("/"), [str(p.resolve()) for p in paths], captioner.preprocess_bytes,
+                                         config):
+        captions, _ = captioner.caption_pixels(pixels)
+        for index, caption in zip(indices.numpy(), captions.numpy()):
+            results[int(index)] = (caption.decode("utf-8"), "")
+    for k, path in enumerate(paths):
+        caption, error = results.get(k) or ("", diagnose(path, config.max_pixels))
+        yield str(path), caption, error

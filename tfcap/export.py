@@ -1,0 +1,96 @@
+"""Export to SavedModel, and one predictor interface over run directories and SavedModels.
+
+The SavedModel holds the whole path from bytes to words: decoding, resizing, the encoder, beam
+search and detokenization (the vocabulary table is a SavedModel resource). It loads with
+`tf.saved_model.load` alone, no tfcap import:
+
+    model = tf.saved_model.load("captioner/")
+    out = model.signatures["serving_default"](images=tf.constant([open("a.jpg", "rb").read()]))
+    out["captions"], out["scores"]        # tf.string [B], tf.float32 [B]
+
+It also keeps the two halves as functions, `preprocess(bytes) -> [S, S, 3]` and
+`caption_pixels([B, S, S, 3]) -> {captions, scores}`, which is how `caption-dir` drives it: the
+same tf.data pipeline and batching as for a run directory, so both give the same captions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import tensorflow as tf
+
+from tfcap import model as models
+from tfcap.errors import TfcapError
+from tfcap.outputs import atomic_directory
+
+
+class ServingModule(tf.Module):
+    """A captioner with fixed decoding settings, as traced functions (what `export` saves)."""
+
+    def __init__(self, captioner: models.Captioner, beam_size: int = 3, length_penalty: float = 0.0):
+        super().__init__(name="tfcap_serving")
+        if beam_size < 1:
+            raise TfcapError("--beam-size must be at least 1")
+        self.captioner = captioner
+        size = captioner.encoder.size
+        self.settings = json.dumps({"beam_size": beam_size, "length_penalty": length_penalty, "image_size": size,
+                                    "model": captioner.config.to_dict()})
+        self._beam_size, self._length_penalty = beam_size, length_penalty
+        self.preprocess = tf.function(captioner.preprocess_bytes, input_signature=[tf.TensorSpec([], tf.string)])
+        self.caption_pixels = tf.function(self._caption_pixels, input_signature=[
+            tf.TensorSpec([None, size, size, 3], tf.float32)])
+        self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        self.get_settings = tf.function(lambda: tf.constant(self.settings), input_signature=[])
+
+    def _caption_pixels(self, pixels):
+        captions, scores = self.captioner.caption_features(
+            self.captioner.features(pixels), beam_size=self._beam_size, length_penalty=self._length_penalty)
+        return {"captions": captions, "scores": scores}
+
+    def _serve(self, images):
+        size = self.captioner.encoder.size
+        pixels = tf.map_fn(self.captioner.preprocess_bytes, images,
+                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32), parallel_iterations=8)
+        return self._caption_pixels(pixels)
+
+
+def export(run_dir: Path, out: Path, *, beam_size: int = 3, length_penalty: float = 0.0, overwrite: bool = False) -> Path:
+    """Write RUN_DIR's captioner as a SavedModel at `out` (atomically); return `out`."""
+    module = ServingModule(models.load_model(run_dir), beam_size, length_penalty)
+    with atomic_directory(Path(out), overwrite) as scratch:
+        tf.saved_model.save(module, str(scratch), signatures={"serving_default": module.serve})
+    return Path(out)
+
+
+class Predictor:
+    """`preprocess_bytes(tf.string []) -> [S, S, 3]` and `caption_pixels([B, S, S, 3]) -> (captions, scores)`."""
+
+    def __init__(self, preprocess, caption_pixels, settings: dict, owner):
+        self._preprocess, self._caption_pixels, self.settings = preprocess, caption_pixels, settings
+        self._owner = owner  # the module or loaded SavedModel that owns the functions' variables
+
+    def preprocess_bytes(self, data: tf.Tensor) -> tf.Tensor:
+        return self._preprocess(data)
+
+    def caption_pixels(self, pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        out = self._caption_pixels(pixels)
+        return out["captions"], out["scores"]
+
+
+def load_predictor(path: Path, *, beam_size: int | None = None, length_penalty: float | None = None) -> Predictor:
+    """A predictor over a run directory (decoding settings from the arguments, default beam 3) or an
+    exported SavedModel (decoding settings fixed at export; asking for others is an error)."""
+    path = Path(path)
+    if (path / models.CONFIG).is_file():
+        module = ServingModule(models.load_model(path), beam_size or 3, length_penalty or 0.0)
+        return Predictor(module.preprocess, module.caption_pixels, json.loads(module.settings), module)
+    if (path / "saved_model.pb").is_file():
+        loaded = tf.saved_model.load(str(path))
+        settings = json.loads(loaded.get_settings().numpy().decode())
+        for name, asked in (("beam_size", beam_size), ("length_penalty", length_penalty)):
+            if asked is not None and asked != settings[name]:
+                raise TfcapError(f"{path} was exported with {name.replace('_', ' ')} {settings[name]}; "
+                                 f"re-export to use {asked}")
+        return Predictor(loaded.preprocess, loaded.caption_pixels, settings, loaded)
+    raise TfcapError(f"{path} is neither a tfcap run directory (config.json) nor a SavedModel (saved_model.pb)")
