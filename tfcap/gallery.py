@@ -1,0 +1,351 @@
+"""A caption gallery: one self-contained HTML page of thumbnails, captions and scores.
+
+The page embeds every thumbnail as a `data:` URI and inlines its CSS and JS, so it can be opened
+offline, mailed, or attached to a CI run. Thumbnails are made with TensorFlow ops (the library
+must not need PIL at runtime), decoded and resized in parallel through tf.data.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import tensorflow as tf
+
+from tfcap.errors import TfcapError
+from tfcap.images import DEFAULT_MAX_PIXELS, decode_rgb, diagnose, header_shape
+from tfcap.outputs import refuse_existing, write_text_atomic
+from tfcap.progress import progress_bar
+
+REQUIRED_COLUMNS = ("path", "caption")  # score and error may be absent: then empty
+JPEG_QUALITY = 85
+
+
+@dataclass
+class Prediction:
+    """One row of caption-dir output."""
+
+    path: str
+    caption: str
+    score: float | None
+    error: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading predictions
+
+
+def _score(value, where: str) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise TfcapError(f"{where}: score {value!r} is not a number") from None
+    return score if math.isfinite(score) else None  # nan/inf would break the mean and sorting
+
+
+def _row(record: dict, where: str) -> Prediction:
+    path = str(record.get("path") or "").strip()
+    if not path:
+        raise TfcapError(f"{where}: empty path")
+    return Prediction(path=path, caption=str(record.get("caption") or ""),
+                      score=_score(record.get("score"), where), error=str(record.get("error") or ""))
+
+
+def _is_jsonl(path: Path, text: str) -> bool:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return True
+    if suffix in (".csv", ".tsv", ".txt"):
+        return False
+    return text.lstrip().startswith("{")
+
+
+def read_predictions(path: Path) -> list[Prediction]:
+    """Read caption-dir output, CSV or JSON Lines (by extension, else by content).
+
+    Raises TfcapError for a missing or unreadable file, missing columns, or a malformed row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TfcapError(f"predictions file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports start with a BOM
+    except (OSError, UnicodeDecodeError) as e:
+        raise TfcapError(f"cannot read predictions file {path}: {e}") from None
+
+    rows = []
+    if _is_jsonl(path, text):
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TfcapError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or "path" not in record:
+                raise TfcapError(f"{path}:{number}: expected a JSON object with a \"path\" key")
+            rows.append(_row(record, f"{path}:{number}"))
+        return rows
+
+    try:
+        reader = csv.DictReader(text.splitlines())
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise TfcapError(f"{path} is not caption-dir output: missing column(s) {', '.join(missing)}")
+        for record in reader:
+            rows.append(_row(record, f"{path}:{reader.line_num}"))
+    except csv.Error as e:
+        raise TfcapError(f"{path}: malformed CSV ({e})") from None
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Thumbnails
+
+
+def _thumbnail(data: tf.Tensor, size: int, max_pixels: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Image bytes -> (encoded thumbnail, [height, width]) at most `size` px on the long side.
+
+    Always re-encoded, even when small: the thumbnail then shows exactly what the model saw
+    (alpha over white, first GIF frame, EXIF rotation ignored), not what a browser would make of
+    the original. Fails (an op error, dropped by the caller) on anything that does not decode.
+    """
+    shape = header_shape(data)
+    # Refuse decompression bombs before allocating their pixels.
+    check = tf.debugging.assert_less_equal(shape[0] * shape[1], tf.constant(max_pixels, tf.int64))
+    with tf.control_dependencies([check]):
+        long_side = tf.reduce_max(shape)
+
+    def jpeg():
+        # Let libjpeg downscale large photos by 2/4/8 while decoding: several times faster,
+        # and the result is still at least `size` px long.
+        branch = tf.add_n([tf.cast(long_side >= r * size, tf.int32) for r in (2, 4, 8)])
+        return tf.switch_case(branch, [lambda r=r: tf.io.decode_jpeg(data, channels=3, ratio=r)
+                                       for r in (1, 2, 4, 8)])
+
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+    image = tf.cond(is_jpeg, jpeg, lambda: decode_rgb(data))
+    hw = tf.shape(image)[:2]
+    scale = tf.minimum(1.0, size / tf.cast(tf.reduce_max(hw), tf.float32))
+    new_hw = tf.maximum(1, tf.cast(tf.round(tf.cast(hw, tf.float32) * scale), tf.int32))
+    small = tf.image.resize(image, new_hw, antialias=True)
+    encoded = tf.io.encode_jpeg(tf.cast(tf.clip_by_value(tf.round(small), 0, 255), tf.uint8),
+                                quality=JPEG_QUALITY)
+    return encoded, new_hw
+
+
+def make_thumbnails(files: list[Path], size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS,
+                    progress: bool = False) -> dict[int, tuple[bytes, int, int]]:
+    """Thumbnail every file in parallel; {index in `files`: (image bytes, height, width)}.
+
+    Files that are missing or do not decode are simply absent from the result.
+    """
+    if not files:
+        return {}
+    ds = tf.data.Dataset.from_tensor_slices(
+        (tf.range(len(files), dtype=tf.int64), tf.constant([str(f) for f in files], tf.string)))
+    ds = ds.map(lambda i, f: (i, *_thumbnail(tf.io.read_file(f), size, max_pixels)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    # ignore_errors drops a failing element instead of ending the whole dataset; the index
+    # carried along tells which ones went missing.
+    ds = ds.ignore_errors().batch(64).prefetch(tf.data.AUTOTUNE)
+    thumbs = {}
+    with progress_bar(len(files), "Thumbnails", enabled=progress) as advance:
+        for indices, images, shapes in ds.as_numpy_iterator():
+            for i, image, (height, width) in zip(indices, images, shapes):
+                thumbs[int(i)] = (image, int(height), int(width))
+            advance(len(indices))
+        advance(len(files) - len(thumbs))  # the failed ones, so the bar ends full
+    return thumbs
+
+
+def _unreadable_reason(path: Path, max_pixels: int) -> str:
+    """Why `path` got no thumbnail (failures only, so the extra read costs nothing on success)."""
+    if path.is_file():
+        try:
+            height, width = header_shape(tf.constant(path.read_bytes())).numpy()
+        except (OSError, tf.errors.OpError):
+            height = width = -1
+        if height * width > max_pixels:
+            return f"too large ({width}x{height} pixels)"
+    # TF op messages can start with "{{function_node ...}}": noise to a reader of the page.
+    return re.sub(r"\{\{function_node [^}]*\}\}\s*", "", diagnose(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """
+:root{--bg:#f4f4f2;--card:#fff;--ink:#1d1d1b;--muted:#6b6b66;--line:#e2e2de;--bad:#b42318;--badbg:#fdecea}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--ink);font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+header{position:sticky;top:0;z-index:1;background:var(--card);border-bottom:1px solid var(--line);
+ padding:12px 20px;display:flex;flex-wrap:wrap;align-items:center;gap:8px 24px}
+h1{font-size:18px;margin:0;font-weight:650}
+.stats{color:var(--muted);display:flex;flex-wrap:wrap;gap:4px 14px}
+.stats b{color:var(--ink);font-weight:600}
+.stats .bad b{color:var(--bad)}
+.controls{margin-left:auto;display:flex;flex-wrap:wrap;gap:8px;align-items:center}
+.controls input,.controls select{font:inherit;padding:5px 8px;border:1px solid var(--line);border-radius:6px;
+ background:#fff}
+.controls input{width:14em}
+.source{flex-basis:100%;color:var(--muted);font-size:12px;overflow-wrap:anywhere}
+main{display:grid;grid-template-columns:repeat(auto-fill,minmax(210px,1fr));gap:16px;padding:20px}
+.card{margin:0;background:var(--card);border-radius:10px;overflow:hidden;display:flex;flex-direction:column;
+ box-shadow:0 1px 2px rgb(0 0 0/.08),0 2px 8px rgb(0 0 0/.05);
+ content-visibility:auto;contain-intrinsic-size:auto 320px}
+.card[hidden]{display:none}
+.thumb{position:relative;aspect-ratio:4/3;background:#ebebe7;display:flex;align-items:center;justify-content:center}
+.thumb img{position:absolute;inset:0;width:100%;height:100%;object-fit:contain}
+figcaption{padding:10px 12px 12px;display:flex;flex-direction:column;gap:8px;flex:1}
+.caption{font-size:15px;font-weight:500}
+.meta{margin-top:auto;display:flex;justify-content:space-between;align-items:baseline;gap:8px;
+ color:var(--muted);font-size:12px}
+.path{overflow-wrap:anywhere}
+.score{font-variant-numeric:tabular-nums;white-space:nowrap;background:#eef2f7;color:#2f4a6d;
+ border-radius:999px;padding:1px 8px}
+.failed{box-shadow:0 0 0 2px var(--bad)}
+.failed .thumb{background:repeating-linear-gradient(45deg,var(--badbg) 0 12px,#fadcd8 12px 24px);
+ color:var(--bad);font-weight:700;letter-spacing:.04em}
+.error{color:var(--bad);background:var(--badbg);border-radius:6px;padding:4px 8px;
+ font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,monospace;overflow-wrap:anywhere}
+.empty{padding:40px 20px;color:var(--muted);text-align:center}
+"""
+
+# Sorting and filtering; reads only data-* attributes, so no prediction text is ever inside <script>.
+_JS = """
+const grid=document.getElementById('grid'),cards=[...grid.children];
+const q=document.getElementById('q'),show=document.getElementById('show'),order=document.getElementById('order');
+const shown=document.getElementById('shown');
+const num=c=>c.dataset.score===''?NaN:+c.dataset.score;
+const byScore=dir=>(a,b)=>{const x=num(a),y=num(b);return (isNaN(x)-isNaN(y))||dir*(x-y)||a.dataset.i-b.dataset.i;};
+const sorts={file:(a,b)=>a.dataset.i-b.dataset.i,best:byScore(-1),worst:byScore(1),
+ path:(a,b)=>a.dataset.path.localeCompare(b.dataset.path)};
+function update(){
+ const text=q.value.trim().toLowerCase(),want=show.value;let n=0;
+ for(const c of [...cards].sort(sorts[order.value])){
+  c.hidden=!(c.dataset.text.includes(text)&&(want==='all'||c.dataset.state===want));
+  n+=!c.hidden;grid.appendChild(c);
+ }
+ shown.textContent=n+' shown';
+}
+q.addEventListener('input',update);show.addEventListener('change',update);order.addEventListener('change',update);
+update();
+"""
+
+
+def _card(index: int, row: Prediction, thumb: tuple[bytes, int, int] | None, error: str) -> str:
+    e = html.escape
+    state = "failed" if error else "ok"
+    score = "" if row.score is None else repr(row.score)
+    parts = [f'<figure class="card{" failed" if error else ""}" data-i="{index}" data-state="{state}" '
+             f'data-score="{score}" data-path="{e(row.path)}" '
+             f'data-text="{e(" ".join((row.caption, row.path, error)).lower())}">']
+    if thumb is not None:
+        data, height, width = thumb
+        parts.append(f'<div class="thumb"><img src="data:image/jpeg;base64,{base64.b64encode(data).decode()}" '
+                     f'width="{width}" height="{height}" alt="{e(row.caption)}"></div>')
+    else:
+        parts.append('<div class="thumb">NO IMAGE</div>' if error else '<div class="thumb"></div>')
+    parts.append("<figcaption>")
+    if row.caption:
+        parts.append(f'<div class="caption">{e(row.caption)}</div>')
+    if error:
+        parts.append(f'<div class="error">{e(error)}</div>')
+    score_html = "" if row.score is None else (
+        f'<span class="score" title="mean log-probability per token: {row.score!r}">{row.score:.2f}</span>')
+    parts.append(f'<div class="meta"><span class="path">{e(row.path)}</span>{score_html}</div>')
+    parts.append("</figcaption></figure>")
+    return "".join(parts)
+
+
+def render_html(rows: list[Prediction], thumbs: dict[int, tuple[bytes, int, int]], errors: dict[int, str],
+                *, title: str, source: str, summary: dict) -> str:
+    """The whole page as a string; `thumbs` and `errors` are keyed by row index."""
+    e = html.escape
+    mean = summary["mean_score"]
+    stats = [f'<span><b>{summary["rows"]}</b> images</span>', f'<span><b>{summary["ok"]}</b> ok</span>',
+             f'<span class="{"bad" if summary["failed"] else ""}"><b>{summary["failed"]}</b> failed</span>',
+             f'<span title="mean log-probability per token, over ok images">mean score '
+             f'<b>{"–" if mean is None else f"{mean:.2f}"}</b></span>',
+             '<span id="shown"></span>']
+    controls = ('<div class="controls">'
+                '<input id="q" type="search" placeholder="Filter captions, paths…" aria-label="Filter">'
+                '<select id="show" aria-label="Show"><option value="all">All</option>'
+                '<option value="ok">OK only</option><option value="failed">Failed only</option></select>'
+                '<select id="order" aria-label="Sort"><option value="file">File order</option>'
+                '<option value="best">Best score first</option><option value="worst">Worst score first</option>'
+                '<option value="path">By path</option></select></div>')
+    cards = [_card(i, row, thumbs.get(i), errors.get(i, "")) for i, row in enumerate(rows)]
+    body = f'<main id="grid">{"".join(cards)}</main>' if rows else (
+        '<main id="grid"></main><p class="empty">No predictions in this file.</p>')
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width,initial-scale=1">',
+        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
+        f'<header><h1>{e(title)}</h1><div class="stats">{"".join(stats)}</div>{controls}',
+        f'<div class="source">{e(source)}</div></header>',
+        body,
+        f"<script>{_JS}</script>",
+        "</body></html>",
+        "",
+    ])
+
+
+def write_gallery(predictions: Path, images_dir: Path, out_html: Path, *, thumb_size: int = 256,
+                  title: str | None = None, overwrite: bool = False, progress: bool = False,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+    """Write a self-contained HTML gallery of caption-dir output.
+
+    Args:
+      predictions: caption-dir CSV or JSONL (columns path, caption, score, error).
+      images_dir: the folder the `path` column is relative to.
+      out_html: the page to write (atomically; an existing one only with `overwrite`).
+      thumb_size: longest side of a thumbnail, in pixels.
+      title: page title; defaults to one naming the predictions file.
+      progress: show a thumbnailing progress bar on stderr.
+      max_pixels: images declaring more pixels than this are shown as failed, not decoded.
+    Returns:
+      {"rows", "ok", "failed", "unreadable", "mean_score", "out"}: `failed` counts rows with a
+      prediction error plus `unreadable` images that could not be thumbnailed now.
+    """
+    predictions, images_dir, out_html = Path(predictions), Path(images_dir), Path(out_html)
+    if thumb_size < 16:
+        raise TfcapError(f"thumbnail size must be at least 16 pixels, got {thumb_size}")
+    refuse_existing(out_html, overwrite)
+    if not images_dir.is_dir():
+        raise TfcapError(f"images folder {images_dir} does not exist")
+    rows = read_predictions(predictions)
+
+    # Errored rows get a placeholder, not a decode attempt; each file is thumbnailed once.
+    wanted = sorted({row.path for row in rows if not row.error})
+    made = make_thumbnails([images_dir / p for p in wanted], thumb_size, max_pixels, progress)
+    by_path = {wanted[k]: thumb for k, thumb in made.items()}
+    reasons = {p: _unreadable_reason(images_dir / p, max_pixels) for p in wanted if p not in by_path}
+    thumbs = {i: by_path[row.path] for i, row in enumerate(rows) if not row.error and row.path in by_path}
+    errors = {i: row.error or f"cannot show image: {reasons[row.path]}"
+              for i, row in enumerate(rows) if i not in thumbs}
+
+    scores = [row.score for i, row in enumerate(rows) if i not in errors and row.score is not None]
+    summary = {
+        "rows": len(rows),
+        "ok": len(rows) - len(errors),
+        "failed": len(errors),
+        "unreadable": sum(1 for i, row in enumerate(rows) if i in errors and not row.error),
+        "mean_score": sum(scores) / len(scores) if scores else None,
+        "out": str(out_html),
+    }
+    page = render_html(rows, thumbs, errors, title=title or f"Captions: {predictions.name}",
+                       source=f"predictions {predictions} · images {images_dir}", summary=summary)
+    out_html.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_html, page)
+    return summary
