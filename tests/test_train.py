@@ -66,7 +66,7 @@ def epochs_logged(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("kind", ["merge", "attention"])
 def test_tiny_model_overfits_and_greedy_decoding_reproduces_training_captions(tiny_records, tmp_path, kind):
-    fit(tiny_records, tmp_path / "run", tmp_path / "cache", kind=kind, epochs=15, batch_size=4)
+    fit(tiny_records, tmp_path / "run", tmp_path / "cache", kind=kind, epochs=30, batch_size=4)
     log = epochs_logged(tmp_path / "run")
     assert log[-1]["loss"] < log[0]["first_batch_loss"] / 10
     captioner = model.load_model(tmp_path / "run")
@@ -102,19 +102,24 @@ def test_interrupted_then_resumed_run_ends_in_the_same_state(tiny_records, tmp_p
     kwargs = dict(epochs=3, captions_per_image="one", batch_size=4)
     fit(tiny_records, tmp_path / "straight", tmp_path / "cache", **kwargs)
 
-    real_step = train._Trainer._train_step
-    calls = {"n": 0}
+    real_init, calls = train._Trainer.__init__, {"n": 0}
 
-    def interrupt_at_fifth_step(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 5:  # mid-way through epoch 3 (2 steps per epoch)
-            raise KeyboardInterrupt
-        return real_step(self, *args)
+    def init_with_interrupt(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        step = self.train_step
 
-    monkeypatch.setattr(train._Trainer, "_train_step", interrupt_at_fifth_step)
+        def interrupt_at_fifth_step(*step_args):
+            calls["n"] += 1
+            if calls["n"] == 5:  # mid-way through epoch 3 (2 steps per epoch)
+                raise KeyboardInterrupt
+            return step(*step_args)
+
+        self.train_step = interrupt_at_fifth_step
+
+    monkeypatch.setattr(train._Trainer, "__init__", init_with_interrupt)
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_records, tmp_path / "resumed", tmp_path / "cache", **kwargs)
-    monkeypatch.setattr(train._Trainer, "_train_step", real_step)
+    monkeypatch.setattr(train._Trainer, "__init__", real_init)
     train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tmp_path / "cache", show_progress=False)
 
     straight, resumed = model.load_model(tmp_path / "straight"), model.load_model(tmp_path / "resumed")

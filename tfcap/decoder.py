@@ -172,18 +172,22 @@ class AttentionDecoder(_Decoder):
         embedded = _dropout(self.embedding(tokens), self.config.dropout, seed, 2)
         mask = tf.cast(tf.not_equal(tokens, 0), tf.float32)
         steps = tf.shape(tokens)[1]
-        logits_ta = tf.TensorArray(tf.float32, size=steps)
-        attention_sum = tf.zeros(tf.shape(context["grid"])[:2], tf.float32)
-        for t in tf.range(steps):
+
+        def body(t, state, attention_sum, logits_ta):
             step_seed = None if seed is None else seed + tf.cast(tf.stack([0, 100 * (t + 1)]), seed.dtype)
             logits, new_state, alpha = self._step(embedded[:, t], state, context, step_seed)
             keep = mask[:, t][:, None]
             # Padded positions keep the previous state, so the final state is the caption's own.
-            state = tuple(keep * tf.cast(n, tf.float32) + (1 - keep) * tf.cast(o, tf.float32)
+            state = tuple(tf.cast(keep * tf.cast(n, tf.float32) + (1 - keep) * tf.cast(o, tf.float32), o.dtype)
                           for n, o in zip(new_state, state))
-            state = tuple(tf.cast(s, self.compute_dtype) for s in state)
-            attention_sum += alpha * keep
-            logits_ta = logits_ta.write(t, logits)
+            return t + 1, state, attention_sum + alpha * keep, logits_ta.write(t, logits)
+
+        # An explicit while_loop (not a Python loop over tf.range) so that Keras can also trace
+        # this call outside tf.function when it builds the model.
+        _, _, attention_sum, logits_ta = tf.while_loop(
+            lambda t, *_: t < steps, body,
+            (tf.constant(0), state, tf.zeros(tf.shape(context["grid"])[:2], tf.float32),
+             tf.TensorArray(tf.float32, size=steps)))
         logits = tf.transpose(logits_ta.stack(), [1, 0, 2])
         penalty = tf.reduce_mean(tf.reduce_sum(tf.square(1.0 - attention_sum), axis=1))
         return logits, self.config.attention_penalty * penalty

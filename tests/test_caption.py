@@ -1,0 +1,211 @@
+"""`tfcap caption-dir`, `caption` and `export` on generated files and a tiny trained model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+from PIL import Image
+
+from test_train import TINY_ENCODER, fit, tiny_records  # noqa: F401  (module fixture)
+from tfcap.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_records, tmp_path_factory) -> Path:  # noqa: F811
+    run = tmp_path_factory.mktemp("run") / "run"
+    fit(tiny_records, run, run.parent / "cache", epochs=3)
+    return run
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height; its pixel data is absent (a decompression bomb's header)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk)) + b"\0" * 64
+
+
+@pytest.fixture
+def zoo(tmp_path) -> tuple[Path, dict[str, str | None]]:
+    """Files of every kind caption-dir meets, and the error expected for each (None: captioned)."""
+    root = tmp_path / "zoo"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray((rng.random((48, 64, 3)) * 255).astype("uint8"))
+    files = {
+        "plain.jpg": encoded(rgb, "JPEG"),
+        "UPPER.JPEG": encoded(rgb, "JPEG"),
+        "gray.png": encoded(rgb.convert("L"), "PNG"),
+        "rgba.png": encoded(rgb.convert("RGBA"), "PNG"),
+        "palette.png": encoded(rgb.convert("P"), "PNG"),
+        "cmyk.jpg": encoded(rgb.convert("CMYK"), "JPEG"),
+        "sixteen.png": encoded(Image.fromarray(np.full((30, 40), 40000, np.uint16)), "PNG"),
+        "animated.gif": encoded(rgb, "GIF", save_all=True, append_images=[rgb.rotate(90)]),
+        "bitmap.bmp": encoded(rgb, "BMP"),
+        "lossy.webp": encoded(rgb, "WEBP"),
+        "sub/nested.png": encoded(rgb, "PNG"),
+        "sub/deeper/deep.jpg": encoded(rgb, "JPEG"),
+        "empty.jpg": b"",
+        "truncated.jpg": encoded(rgb, "JPEG")[:300],
+        "text.png": b"definitely not an image\n" * 10,
+        "bomb.png": huge_png_header(60000, 60000),
+    }
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    (root / "notes.txt").write_text("not a candidate: wrong extension")
+    (root / "dangling.jpg").symlink_to(root / "gone.jpg")
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # a symlink loop must not hang the walk
+    expected = {name: None for name in files}
+    expected.update({"empty.jpg": "empty", "truncated.jpg": "truncated or corrupt", "text.png": "not an image",
+                     "bomb.png": "too large", "dangling.jpg": "missing"})
+    return root, expected
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def caption_dir(*args, ok=True):
+    result = CliRunner().invoke(main, ["caption-dir", *map(str, args), "--quiet"])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def test_every_candidate_gets_one_row_in_walk_order_with_the_right_error(zoo, tiny_run, tmp_path):
+    root, expected = zoo
+    out = tmp_path / "out.csv"
+    result = caption_dir(root, "-o", out, "--model", tiny_run, "--batch-size", "4")
+    rows = read_csv(out)
+    paths = [r["path"] for r in rows]
+    assert paths == sorted(expected) and len(set(paths)) == len(paths)  # the loop added nothing
+    for row in rows:
+        want = expected[row["path"]]
+        if want is None:
+            assert row["error"] == "" and row["caption"] and float(row["score"]) <= 0, row
+        else:
+            assert row["error"].startswith(want) and row["caption"] == "" and row["score"] == "", row
+    assert "5 failed" in result.output and "images/s" in result.output
+
+
+def test_no_recursive_jsonl_strict_and_refusals(zoo, tiny_run, tmp_path):
+    root, expected = zoo
+    out = tmp_path / "out.jsonl"
+    caption_dir(root, "-o", out, "--model", tiny_run, "--no-recursive", "--format", "jsonl")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in rows] == sorted(p for p in expected if "/" not in p)
+    again = caption_dir(root, "-o", out, "--model", tiny_run, ok=False)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    strict = caption_dir(root, "-o", out, "--model", tiny_run, "--overwrite", "--strict", ok=False)
+    assert strict.exit_code == 1
+    missing = caption_dir(tmp_path / "nope", "-o", tmp_path / "x.csv", "--model", tiny_run, ok=False)
+    assert missing.exit_code == 2 and "is not a directory" in missing.output
+
+
+def test_max_pixels_refuses_by_header(zoo, tiny_run, tmp_path):
+    root, _ = zoo
+    out = tmp_path / "out.csv"
+    caption_dir(root, "-o", out, "--model", tiny_run, "--max-pixels", "2000", "--no-recursive")
+    rows = {r["path"]: r for r in read_csv(out)}
+    assert rows["plain.jpg"]["error"] == "too large (64x48 = 3072 pixels > --max-pixels 2000)"
+    assert rows["sixteen.png"]["error"] == ""  # 40 x 30 = 1200 pixels
+
+
+def test_killed_run_resumes_with_no_duplicate_and_no_missing_row(tiny_run, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(120):
+        pixels = (rng.random((24, 24, 3)) * 255).astype(np.uint8)
+        (folder / f"{i:03d}.png").write_bytes(tf.io.encode_png(pixels).numpy())
+    reference = tmp_path / "reference.csv"
+    caption_dir(folder, "-o", reference, "--model", tiny_run, "--batch-size", "4")
+
+    out = tmp_path / "out.csv"
+    command = [sys.executable, "-m", "tfcap", "caption-dir", str(folder), "-o", str(out), "--model", str(tiny_run),
+               "--batch-size", "4", "--quiet"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 20):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = read_csv(out)
+    assert 19 <= len(partial) < 120, "the kill should land mid-run"
+    assert out.read_text().endswith("\n")  # only whole rows
+
+    caption_dir(folder, "-o", out, "--model", tiny_run, "--batch-size", "4", "--resume")
+    rows = read_csv(out)
+    assert [r["path"] for r in rows] == [f"{i:03d}.png" for i in range(120)]
+    assert rows == read_csv(reference)
+
+
+def test_resume_drops_a_cut_off_last_row(tiny_run, tmp_path):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(tf.io.encode_png(np.full((8, 8, 3), i * 80, np.uint8)).numpy())
+    out = tmp_path / "out.csv"
+    out.write_text("path,caption,score,error\n0.png,a cat,-1.0,\n1.png,a d")  # killed mid-row
+    caption_dir(folder, "-o", out, "--model", tiny_run, "--resume")
+    rows = read_csv(out)
+    assert [r["path"] for r in rows] == ["0.png", "1.png", "2.png"] and rows[0]["caption"] == "a cat"
+
+
+def test_caption_prints_path_tab_caption(zoo, tiny_run):
+    root, _ = zoo
+    result = CliRunner().invoke(main, ["caption", str(root / "plain.jpg"), str(root / "gray.png"),
+                                       "--model", str(tiny_run), "--beam-size", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(root / "plain.jpg"), str(root / "gray.png")]
+    assert all(line.split("\t")[1] for line in lines)
+    bad = CliRunner().invoke(main, ["caption", str(root / "text.png"), "--model", str(tiny_run)])
+    assert bad.exit_code == 1 and "not an image" in bad.output
+
+
+def test_export_round_trip_in_a_fresh_process_and_same_captions_as_the_run(zoo, tiny_run, tmp_path):
+    root, expected = zoo
+    saved = tmp_path / "saved"
+    result = CliRunner().invoke(main, ["export", str(tiny_run), "-o", str(saved)])
+    assert result.exit_code == 0, result.output
+    from_run, from_saved = tmp_path / "run.csv", tmp_path / "saved.csv"
+    caption_dir(root, "-o", from_run, "--model", tiny_run)
+    caption_dir(root, "-o", from_saved, "--model", saved)
+    assert read_csv(from_run) == read_csv(from_saved)
+
+    script = (
+        "import sys, json, tensorflow as tf\n"
+        f"model = tf.saved_model.load({str(saved)!r})\n"
+        f"data = [open({str(root / 'plain.jpg')!r}, 'rb').read(), open({str(root / 'rgba.png')!r}, 'rb').read()]\n"
+        "out = model.signatures['serving_default'](images=tf.constant(data))\n"
+        "assert 'tfcap' not in sys.modules\n"
+        "print(json.dumps([c.decode() for c in out['captions'].numpy()]))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    captions = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = {r["path"]: r["caption"] for r in read_csv(from_run)}
+    assert captions == [rows["plain.jpg"], rows["rgba.png"]]
+    beam_clash = caption_dir(root, "-o", tmp_path / "x.csv", "--model", saved, "--beam-size", "5", ok=False)
+    assert beam_clash.exit_code == 2 and "exported with beam size 3" in beam_clash.output
