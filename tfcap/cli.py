@@ -248,5 +248,60 @@ def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, 
             f"mean score {mean} -> {out}")
 
 
+@main.command("evaluate")
+@click.argument("records_dir", metavar="[RECORDS]", type=PathArg, required=False)
+@click.option("--model", "model_path", type=PathArg, help="Run directory or SavedModel: caption RECORDS' split.")
+@click.option("--predictions", type=PathArg, help="Score an existing caption-dir CSV/JSONL instead.")
+@click.option("--references", type=PathArg, help="With --predictions: a records folder or a dataset/captions file.")
+@click.option("--human-baseline", is_flag=True, help="Score each image's first reference against the others.")
+@click.option("--split", default="test", show_default=True, help="Split to caption or to take references from.")
+@click.option("--beam-size", type=int, default=None, help="Beam width (default 3; fixed for a SavedModel).")
+@click.option("--length-penalty", type=float, default=None)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--no-meteor", is_flag=True, help="Skip METEOR (it starts Java: about 15 s).")
+@click.option("-o", "--out", type=PathArg, help="Folder for scores.json and captions_coco.json.")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate_command(records_dir, model_path, predictions, references, human_baseline, split, beam_size,
+                     length_penalty, batch_size, no_meteor, out, overwrite, quiet):
+    """Score captions with BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (coco-caption definitions).
+
+    \b
+    tfcap evaluate --model RUN_DIR RECORDS --split test
+    tfcap evaluate --predictions out.csv --references RECORDS_OR_DATA [--split test]
+    tfcap evaluate --human-baseline --references RECORDS_OR_DATA --split test
+    """
+    from tfcap import evaluate, outputs
+
+    modes = sum(bool(x) for x in (model_path, predictions, human_baseline))
+    if modes != 1:
+        raise TfcapError("give exactly one of --model (with RECORDS), --predictions or --human-baseline")
+    if out is not None:
+        outputs.refuse_existing(out, overwrite)
+    if model_path:
+        if records_dir is None:
+            raise TfcapError("--model needs the RECORDS folder to caption")
+        result = evaluate.run_model(model_path, records_dir, split, beam_size=beam_size, length_penalty=length_penalty,
+                                    batch_size=batch_size, meteor=not no_meteor, show_progress=not quiet)
+        out = out or Path(model_path) / f"eval-{split}"
+    else:
+        refs_path = references or records_dir
+        if refs_path is None:
+            raise TfcapError("give --references (a records folder or a dataset)")
+        refs = evaluate.references_from(refs_path, split)
+        if human_baseline:
+            result = evaluate.human_baseline(refs, split=split, meteor=not no_meteor)
+            out = out or Path(f"human-baseline-{split}")
+        else:
+            hypotheses, failed = evaluate.predictions_from(predictions)
+            result = evaluate.evaluate(refs, hypotheses, split=split, failed=failed, meteor=not no_meteor,
+                                       settings={"predictions": str(Path(predictions).resolve()),
+                                                 "references": str(Path(refs_path).resolve())})
+            out = out or Path(predictions).with_suffix(".eval")
+    click.echo(evaluate.table(result))
+    evaluate.write_results(out, result, overwrite=True)
+    click.echo(f"scores: {out / 'scores.json'}; COCO results: {out / 'captions_coco.json'}", err=True)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,169 @@
+"""`tfcap evaluate`: caption a split (or read a caption CSV) and score it as coco-caption does.
+
+References come from a records folder (the `caption/text` feature, original text) or from any
+dataset layout `build-records` reads. Both sides are scored after `metrics.ptb_tokenize`
+(lower case, PTB tokens, punctuation dropped; `<start>`/`<end>`/`<pad>` never scored).
+Predictions for images without references, and references without a prediction, are counted
+and listed, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import tensorflow as tf
+
+from tfcap import layouts, metrics, records
+from tfcap.errors import TfcapError
+from tfcap.outputs import atomic_directory
+from tfcap.progress import Stopwatch, progress_bar
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Scores and the bookkeeping that makes them honest."""
+
+    scores: dict  # BLEU-1..4, METEOR, ROUGE-L, CIDEr-D (+ meteor_unavailable)
+    images_scored: int
+    split: str | None
+    hypotheses: dict[str, str]  # image id -> caption, the scored ones
+    without_references: list[str]  # predicted images absent from the references
+    without_prediction: list[str]  # referenced images with no (successful) prediction
+    failed: dict[str, str]  # image -> error, from a caption-dir CSV
+    settings: dict  # decoding settings, model config, sources
+
+
+def references_from(source: Path, split: str | None) -> dict[str, list[str]]:
+    """Image id -> reference captions, from a records folder or a dataset in any build-records layout."""
+    source = Path(source)
+    if (source / records.MANIFEST).is_file():
+        splits = [split] if split else list(records.read_manifest(source)["splits"])
+        return {ex["image_id"].decode(): [c.decode("utf-8") for c in ex["captions"]]
+                for s in splits for ex in records.iterate_examples(source, s)}
+    data = layouts.read_source(source if source.is_dir() else None,
+                               captions_file=source if source.is_file() else None,
+                               images_dir=source.parent if source.is_file() else None)
+    if split is None:
+        return dict(data.captions)
+    split_of, _ = layouts.assign_splits(list(data.captions), data, layouts.SplitConfig())
+    return {i: c for i, c in data.captions.items() if split_of.get(i) == split}
+
+
+def predictions_from(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(image path -> caption, image path -> error) from a caption-dir CSV or JSON Lines file."""
+    from tfcap.caption import read_rows
+
+    path = Path(path)
+    if not path.is_file():
+        raise TfcapError(f"predictions file {path} does not exist")
+    try:
+        rows = read_rows(path)
+    except (json.JSONDecodeError, csv.Error) as e:
+        raise TfcapError(f"{path}: not a caption-dir output ({e})") from None
+    if rows and not {"path", "caption"} <= set(rows[0]):
+        raise TfcapError(f"{path}: needs columns path and caption (a caption-dir output)")
+    ok = {r["path"]: r["caption"] for r in rows if not r.get("error")}
+    failed = {r["path"]: r["error"] for r in rows if r.get("error")}
+    return ok, failed
+
+
+def caption_split(predictor, records_dir: Path, split: str, batch_size: int = 32,
+                  show_progress: bool = True) -> dict[str, str]:
+    """Caption every image of a records split: image id -> caption."""
+    count = records.read_manifest(records_dir)["splits"][split]["images"]
+    batches = (records.load_split(records_dir, split)
+               .map(lambda e: (e["image_id"], predictor.preprocess_bytes(e["image"])),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+               .batch(batch_size)
+               .prefetch(tf.data.AUTOTUNE))
+    hypotheses = {}
+    with progress_bar(count, f"captioning {split}", show_progress) as advance:
+        for image_ids, pixels in batches:
+            captions, _ = predictor.caption_pixels(pixels)
+            hypotheses.update({i.decode(): c.decode("utf-8") for i, c in zip(image_ids.numpy(), captions.numpy())})
+            advance(len(image_ids))
+    return hypotheses
+
+
+def _match(hypotheses: dict[str, str], references: dict[str, list[str]]) -> tuple[dict[str, str], list[str]]:
+    """Map prediction paths to reference ids: exact, else by file name (caption-dir paths are relative)."""
+    by_name = {}
+    for image_id in references:
+        by_name.setdefault(Path(image_id).name, []).append(image_id)
+    matched, unmatched = {}, []
+    for path, caption in hypotheses.items():
+        if path in references:
+            matched[path] = caption
+        elif len(by_name.get(Path(path).name, [])) == 1:
+            matched[by_name[Path(path).name][0]] = caption
+        else:
+            unmatched.append(path)
+    return matched, unmatched
+
+
+def evaluate(references: dict[str, list[str]], hypotheses: dict[str, str], *, split: str | None = None,
+             failed: dict[str, str] | None = None, meteor: bool = True, settings: dict | None = None) -> Evaluation:
+    """Score hypotheses against references (only images that have both)."""
+    matched, unmatched = _match(hypotheses, references)
+    if not matched:
+        raise TfcapError("no prediction matches a reference image: check --references and --split")
+    scores = metrics.score_captions({i: references[i] for i in matched}, matched, meteor=meteor)
+    return Evaluation(scores=scores, images_scored=len(matched), split=split, hypotheses=matched,
+                      without_references=sorted(unmatched),
+                      without_prediction=sorted(set(references) - set(matched)),
+                      failed=dict(failed or {}), settings=settings or {})
+
+
+def human_baseline(references: dict[str, list[str]], *, split: str | None = None, meteor: bool = True) -> Evaluation:
+    """Each image's first reference scored against the others: how well people agree with people."""
+    usable = {i: refs for i, refs in references.items() if len(refs) >= 2}
+    if not usable:
+        raise TfcapError("the human baseline needs images with at least two references")
+    return evaluate({i: refs[1:] for i, refs in usable.items()}, {i: refs[0] for i, refs in usable.items()},
+                    split=split, meteor=meteor, settings={"hypothesis": "first reference caption"})
+
+
+def table(result: Evaluation) -> str:
+    """The scores as a small text table, with the bookkeeping under it."""
+    lines = [f"{'metric':<10} {'score':>8}"]
+    for key in metrics.METRIC_KEYS:
+        value = result.scores.get(key)
+        lines.append(f"{key:<10} {value:>8.4f}" if value is not None else f"{key:<10} {'n/a':>8}")
+    if result.scores.get("meteor_unavailable"):
+        lines.append(f"METEOR unavailable: {result.scores['meteor_unavailable']}")
+    lines.append(f"images scored: {result.images_scored}" + (f" (split {result.split})" if result.split else ""))
+    for label, items in (("predictions without references", result.without_references),
+                         ("reference images without a prediction", result.without_prediction),
+                         ("failed images (not scored)", list(result.failed))):
+        if items:
+            lines.append(f"{label}: {len(items)} (e.g. {', '.join(items[:3])})")
+    return "\n".join(lines)
+
+
+def write_results(out: Path, result: Evaluation, overwrite: bool = False) -> Path:
+    """OUT/scores.json (every score and the settings) and OUT/captions_coco.json ([{image_id, caption}])."""
+    with atomic_directory(Path(out), overwrite) as scratch:
+        payload = {"scores": result.scores, "split": result.split, "images_scored": result.images_scored,
+                   "without_references": result.without_references, "without_prediction": result.without_prediction,
+                   "failed": result.failed, "settings": result.settings}
+        (scratch / "scores.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        coco = [{"image_id": i, "caption": c} for i, c in sorted(result.hypotheses.items())]
+        (scratch / "captions_coco.json").write_text(json.dumps(coco, indent=1) + "\n", encoding="utf-8")
+    return Path(out)
+
+
+def run_model(model_path: Path, records_dir: Path, split: str, *, beam_size: int | None, length_penalty: float | None,
+              batch_size: int, meteor: bool, show_progress: bool) -> Evaluation:
+    """Caption a records split with a run directory or SavedModel and score it."""
+    from tfcap.export import load_predictor
+
+    predictor = load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty)
+    clock = Stopwatch()
+    hypotheses = caption_split(predictor, records_dir, split, batch_size, show_progress)
+    seconds = clock.seconds
+    settings = {"model": str(Path(model_path).resolve()), "records": str(Path(records_dir).resolve()),
+                **predictor.settings, "captioning_seconds": seconds}
+    return evaluate(references_from(records_dir, split), hypotheses, split=split, meteor=meteor, settings=settings)
