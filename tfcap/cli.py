@@ -303,5 +303,25 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
     click.echo(f"scores: {out / 'scores.json'}; COCO results: {out / 'captions_coco.json'}", err=True)
 
 
+@main.command("demo")
+@click.option("-o", "--out", type=PathArg, default=Path("tfcap-demo"), show_default=True, help="Folder for everything.")
+@click.option("--images", type=int, default=None, help="Generated scenes (default 2500).")
+@click.option("--epochs", type=int, default=None, help="Training epochs (default 12).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing demo folder.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo_command(out, images, epochs, overwrite, quiet):
+    """Generate a captioned dataset, build records, train, caption held-out images, evaluate: offline."""
+    import dataclasses
+
+    from tfcap import demo
+
+    config = demo.DemoConfig()
+    if images:
+        config = dataclasses.replace(config, scenes=dataclasses.replace(config.scenes, images=images))
+    if epochs:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=epochs))
+    demo.run_demo(out, config, overwrite=overwrite, show_progress=not quiet)
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,7 @@ import tensorflow as tf
 from tfcap import images, records, text
 
 AUTOTUNE = tf.data.AUTOTUNE
+CAPTION_SHUFFLE_BUFFER = 1024
 LENGTH_BUCKETS = (8, 10, 12, 14, 16, 19, 24)  # caption tokens + 1; upper bounds (exclusive) of buckets
 
 
@@ -73,6 +74,11 @@ def caption_batches(features: tf.data.Dataset, *, batch_size: int, feature_keys:
         dataset = dataset.map(one, num_parallel_calls=AUTOTUNE, deterministic=True)
     elif captions_per_image == "all":
         dataset = dataset.flat_map(every)
+        if shuffle:
+            # The captions of one image arrive together; without mixing them, a batch would hold a
+            # few images' captions each. A small buffer suffices (elements may carry large grids).
+            dataset = dataset.shuffle(CAPTION_SHUFFLE_BUFFER, seed=seed * 100_003 + epoch + 1,
+                                      reshuffle_each_iteration=False)
     else:
         raise ValueError(f"captions_per_image must be 'one' or 'all', not {captions_per_image!r}")
     if not shuffle:
