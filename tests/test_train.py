@@ -65,8 +65,10 @@ def epochs_logged(run_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize("kind", ["merge", "attention"])
 def test_tiny_model_overfits_and_greedy_decoding_reproduces_training_captions(tiny_records, tmp_path, kind):
-    fit(tiny_records, tmp_path / "run", tmp_path / "cache", kind=kind, epochs=12, batch_size=8, learning_rate=0.005)
+    fit(tiny_records, tmp_path / "run", tmp_path / "cache", kind=kind, epochs=12, batch_size=8, learning_rate=0.005,
+        eval_every=6)
     log = epochs_logged(tmp_path / "run")
+    assert 0 <= log[5]["val_bleu4"] <= 1 and "val_bleu4" not in log[4]
     assert log[-1]["loss"] < log[0]["first_batch_loss"] / 10
     captioner = model.load_model(tmp_path / "run")
     reproduced = 0

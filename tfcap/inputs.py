@@ -92,6 +92,10 @@ def caption_batches(features: tf.data.Dataset, *, batch_size: int, feature_keys:
 
 def image_feature_batches(features: tf.data.Dataset, *, batch_size: int, feature_keys: tuple[str, ...]) -> tf.data.Dataset:
     """Per-image batches for decoding and BLEU: (features dict [B, ...], captions tf.string ragged [B, (C)], image_id [B])."""
+    def dense(feats, captions, image_ids):  # ragged_batch makes any dimension the spec leaves open ragged
+        return {k: v.to_tensor() if isinstance(v, tf.RaggedTensor) else v for k, v in feats.items()}, captions, image_ids
+
     return (features.map(lambda e: ({k: e[k] for k in feature_keys}, e["captions"], e["image_id"]))
             .ragged_batch(batch_size)
+            .map(dense)
             .prefetch(AUTOTUNE))
