@@ -307,15 +307,18 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
 @click.option("-o", "--out", type=PathArg, default=Path("tfcap-demo"), show_default=True, help="Folder for everything.")
 @click.option("--images", type=int, default=None, help="Generated scenes (default 2500).")
 @click.option("--epochs", type=int, default=None, help="Training epochs (default 12).")
+@click.option("--encoder-weights", default="auto", show_default=True,
+              help="MobileNet-0.25 weights: auto (Keras cache if present, else none), imagenet, a file, or none.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing demo folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo_command(out, images, epochs, overwrite, quiet):
+def demo_command(out, images, epochs, encoder_weights, overwrite, quiet):
     """Generate a captioned dataset, build records, train, caption held-out images, evaluate: offline."""
     import dataclasses
 
     from tfcap import demo
 
     config = demo.DemoConfig()
+    config = dataclasses.replace(config, encoder=dataclasses.replace(config.encoder, weights=encoder_weights))
     if images:
         config = dataclasses.replace(config, scenes=dataclasses.replace(config.scenes, images=images))
     if epochs:

@@ -357,8 +357,12 @@ def _calibrate_batch_norm(model: keras.Model, config: EncoderConfig) -> None:
     layers = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
     if not layers:
         return
-    uint8 = tf.cast(tf.random.stateless_uniform([8, config.size, config.size, 3], seed=[_RANDOM_INIT_SEED, 0],
-                                                maxval=256, dtype=tf.int32), tf.uint8)
+    # Smooth random images at several scales (upsampled coarse noise), closer to the statistics of
+    # real pictures (large flat regions, few edges) than pixel noise.
+    coarse = [tf.image.resize(tf.random.stateless_uniform([4, side, side, 3], seed=[_RANDOM_INIT_SEED, side],
+                                                          maxval=255.0), [config.size, config.size])
+              for side in (2, 4, 8, 16)]
+    uint8 = tf.cast(tf.concat(coarse, 0), tf.uint8)
     momenta = [layer.momentum for layer in layers]
     for layer in layers:
         layer.momentum = 0.0

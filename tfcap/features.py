@@ -21,7 +21,7 @@ from tfcap import inputs, records
 from tfcap.outputs import atomic_directory
 from tfcap.progress import Stopwatch, progress_bar, summary
 
-CACHE_FORMAT = 2  # 2: random-init encoders have calibrated BatchNorm statistics
+CACHE_FORMAT = 3  # 2: random-init encoders have calibrated BatchNorm statistics; 3: on smooth images
 
 
 def default_cache_dir(records_dir: Path) -> Path:
