@@ -72,14 +72,15 @@ def notebook_models(captioner):
     max_len = config.max_caption_tokens
     image = keras.Input((captioner.encoder.feature_dim,))
     sequence = keras.Input((max_len,))
-    fe = keras.layers.Dense(config.decoder.units, activation="relu")(image)
+    image_dense = keras.layers.Dense(config.decoder.units, activation="relu")
+    fe = image_dense(image)
     embedding = keras.layers.Embedding(config.vocab_size, config.decoder.embed_dim, mask_zero=True)
     lstm = keras.layers.LSTM(config.decoder.units)
     se = lstm(embedding(sequence))
     hidden = keras.layers.Dense(config.decoder.units, activation="relu")
     out = keras.layers.Dense(config.vocab_size, activation="softmax")
     model = keras.Model([image, sequence], out(hidden(keras.layers.add([fe, se]))))
-    for mine, theirs in ((model.layers[2], decoder.image_dense), (embedding, decoder.embedding), (lstm, decoder.lstm),
+    for mine, theirs in ((image_dense, decoder.image_dense), (embedding, decoder.embedding), (lstm, decoder.lstm),
                          (hidden, decoder.hidden), (out, decoder.logits)):
         mine.set_weights(theirs.get_weights())
     pooled = keras.Sequential([captioner.encoder.model, keras.layers.GlobalAveragePooling2D()])
