@@ -154,3 +154,16 @@ def test_existing_run_is_refused_and_bad_options_are_one_line_errors(tiny_record
     assert result.exit_code == 2 and "--resume" in result.output
     result = CliRunner().invoke(main, ["train", str(tmp_path), "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "not a records folder" in result.output
+
+
+def test_mixed_float16_trains_with_loss_scaling(tiny_records, tmp_path):
+    fit(tiny_records, tmp_path / "run", tmp_path / "cache", epochs=2, precision="mixed_float16")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model"]["precision"] == "mixed_float16"
+    log = epochs_logged(tmp_path / "run")
+    assert all(np.isfinite(e["loss"]) for e in log) and log[-1]["loss"] < log[0]["first_batch_loss"]
+    captioner = model.load_model(tmp_path / "run")
+    assert captioner.decoder.compute_dtype == "float16"
+    pixels = captioner.preprocess_bytes(tf.constant(tile(0)))[None]
+    _, scores = captioner.caption_features(captioner.features(pixels), beam_size=2)
+    assert scores.dtype == tf.float32 and np.isfinite(scores.numpy()).all()
