@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tfcap.outputs import sha256_file
 from tfcap import encoder as enc
 from tfcap.encoder import EncoderConfig, build_encoder, preprocess_images, resolve_precision
 from tfcap.errors import TfcapError
@@ -126,7 +127,7 @@ def test_mobilenet_file_loads_by_path():
     assert same_weights(encoder.model, reference)
     random_init = build_encoder(EncoderConfig("mobilenet", weights="none", image_size=96, alpha=0.25))
     assert not same_weights(encoder.model, random_init.model)
-    assert encoder.weights_id == "sha256:" + enc._sha256(MOBILENET_FILE)[:16]
+    assert encoder.weights_id == "sha256:" + sha256_file(MOBILENET_FILE)[:16]
     assert (encoder.grid_shape, encoder.feature_dim) == ((3, 3), 256)
     x = encoder.preprocess(random_images((2, 120, 80, 3)))
     np.testing.assert_allclose(encoder(x).numpy(), reference(x, training=False).numpy(), rtol=1e-4, atol=1e-4)

@@ -14,7 +14,6 @@ Weights come from three places, named by `EncoderConfig.weights`:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import random
@@ -24,6 +23,7 @@ import keras
 import tensorflow as tf
 
 from tfcap.errors import TfcapError
+from tfcap.outputs import sha256_file
 
 ARCHITECTURES = ("xception", "mobilenet", "inception_v3", "vgg16")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -124,14 +124,6 @@ def resolve_precision(name: str) -> str:
         raise TfcapError("mixed_bfloat16 needs a GPU or a CPU with bfloat16 instructions "
                          "(avx512_bf16 or amx_bf16), and this machine has neither: use float32")
     return name
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _keras_home() -> str:
@@ -342,7 +334,7 @@ def build_encoder(config: EncoderConfig, precision: str = "float32") -> Encoder:
     else:
         _calibrate_batch_norm(model, config)
     model.trainable = False
-    return Encoder(config, model, precision, "none" if path is None else "sha256:" + _sha256(path)[:16])
+    return Encoder(config, model, precision, "none" if path is None else "sha256:" + sha256_file(path)[:16])
 
 
 def _calibrate_batch_norm(model: keras.Model, config: EncoderConfig) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -33,7 +32,7 @@ import tensorflow as tf
 import tfcap
 from tfcap import images, layouts, text
 from tfcap.errors import TfcapError
-from tfcap.outputs import atomic_directory
+from tfcap.outputs import atomic_directory, sha256_file
 from tfcap.progress import Stopwatch, progress_bar, summary
 
 MANIFEST = "manifest.json"
@@ -80,14 +79,6 @@ def _example(data: bytes, image_id: str, height: int, width: int, captions: list
         "caption/ids": i(ids),
         "caption/length": i(lengths),
     })).SerializeToString()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _shard_counts(sizes_by_split: dict[str, list[int]], config: RecordsConfig) -> dict[str, int]:
@@ -228,7 +219,7 @@ def build_records(source: layouts.Source, out: Path, config: RecordsConfig = Rec
             kept = [i for i in planned[split] if i not in failed]
             splits_manifest[split] = {
                 "images": len(kept), "captions": sum(len(source.captions[i]) for i in kept),
-                "shards": [{"file": s.name, "records": s.records, "sha256": _sha256(scratch / s.name),
+                "shards": [{"file": s.name, "records": s.records, "sha256": sha256_file(scratch / s.name),
                             "bytes": (scratch / s.name).stat().st_size} for s in shards if s.split == split]}
         n_images = sum(v["images"] for v in splits_manifest.values())
         n_captions = sum(v["captions"] for v in splits_manifest.values())
