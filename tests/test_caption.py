@@ -172,6 +172,17 @@ def test_resume_drops_a_cut_off_last_row(tiny_run, tmp_path):
     assert [r["path"] for r in rows] == ["0.png", "1.png", "2.png"] and rows[0]["caption"] == "a cat"
 
 
+def test_resume_refuses_a_foreign_csv_without_touching_it(tiny_run, tmp_path):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    (folder / "0.png").write_bytes(tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy())
+    out = tmp_path / "mine.csv"
+    out.write_text("name,value\nkeep,this")  # someone else's file, no trailing newline
+    result = caption_dir(folder, "-o", out, "--model", tiny_run, "--resume", ok=False)
+    assert result.exit_code == 2 and "not a caption-dir CSV" in result.output
+    assert out.read_text() == "name,value\nkeep,this"
+
+
 def test_caption_prints_path_tab_caption(zoo, tiny_run):
     root, _ = zoo
     result = CliRunner().invoke(main, ["caption", str(root / "plain.jpg"), str(root / "gray.png"),

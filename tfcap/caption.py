@@ -128,15 +128,14 @@ def _open_output(out: Path, fmt: str, overwrite: bool, resume: bool) -> tuple[in
     """Prepare `out` for appending; return (its file descriptor, paths already captioned)."""
     done: set[str] = set()
     if out.exists() and resume:
-        size = out.stat().st_size
         text = out.read_bytes()
-        keep = text.rfind(b"\n") + 1  # a row cut by a kill has no newline yet: drop it
-        if keep < size:
-            os.truncate(out, keep)
-        rows = read_rows(out)
-        if fmt == "csv" and keep and not text.startswith(",".join(COLUMNS).encode()):
+        # Check before changing anything: a file that is not ours is left exactly as it is.
+        if fmt == "csv" and text and not text.startswith((",".join(COLUMNS) + "\n").encode()):
             raise TfcapError(f"{out} is not a caption-dir CSV (header is not {','.join(COLUMNS)}); cannot --resume")
-        done = {r["path"] for r in rows}
+        keep = text.rfind(b"\n") + 1  # a row cut by a kill has no newline yet: drop it
+        if keep < len(text):
+            os.truncate(out, keep)
+        done = {r["path"] for r in read_rows(out)}
     else:
         refuse_existing(out, overwrite, "--overwrite (or --resume to complete it)")
         out.parent.mkdir(parents=True, exist_ok=True)
