@@ -160,33 +160,35 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
     all_paths = find_images(images_dir, config.recursive)
     fd, done = _open_output(out, fmt, overwrite, resume)
     todo = [p for p in all_paths if p not in done]
-    clock, ok, failed = Stopwatch(), 0, 0
+    clock, counts = Stopwatch(), {"ok": 0, "failed": 0}
+
+    def error_row(k: int) -> dict:
+        return {"path": todo[k], "caption": "", "score": "", "error": diagnose(images_dir / todo[k], config.max_pixels)}
+
     try:
         with progress_bar(len(todo), "captioning", show_progress) as advance:
+            def flush(rows: list[dict]) -> None:
+                os.write(fd, _format_rows(rows, fmt).encode("utf-8"))  # one write: whole rows only
+                failed = sum(1 for r in rows if r["error"])
+                counts["failed"] += failed
+                counts["ok"] += len(rows) - failed
+                advance(len(rows))
+
             next_index = 0  # rows are written in walk order: everything before this is written
             for indices, pixels in pixel_batches(images_dir, todo, captioner.preprocess_bytes, config):
                 captions, scores = captioner.caption_pixels(pixels)
                 rows = []
                 for index, caption, score in zip(indices.numpy(), captions.numpy(), scores.numpy()):
-                    for missing in range(next_index, int(index)):  # files that dropped out before this one
-                        rows.append({"path": todo[missing], "caption": "", "score": "",
-                                     "error": diagnose(images_dir / todo[missing], config.max_pixels)})
+                    rows += [error_row(k) for k in range(next_index, int(index))]  # dropped out before it
                     rows.append({"path": todo[index], "caption": caption.decode("utf-8"),
                                  "score": f"{float(score):.4f}", "error": ""})
                     next_index = int(index) + 1
-                os.write(fd, _format_rows(rows, fmt).encode("utf-8"))  # one write: whole rows only
-                failed += sum(1 for r in rows if r["error"])
-                ok += sum(1 for r in rows if not r["error"])
-                advance(len(rows))
-            rows = [{"path": todo[m], "caption": "", "score": "",
-                     "error": diagnose(images_dir / todo[m], config.max_pixels)} for m in range(next_index, len(todo))]
-            if rows:
-                os.write(fd, _format_rows(rows, fmt).encode("utf-8"))
-                failed += len(rows)
-                advance(len(rows))
+                flush(rows)
+            if next_index < len(todo):  # failures after the last good file
+                flush([error_row(k) for k in range(next_index, len(todo))])
     finally:
         os.close(fd)
-    seconds = clock.seconds
+    seconds, ok, failed = clock.seconds, counts["ok"], counts["failed"]
     summary(f"caption-dir: {ok + failed} images ({ok} ok, {failed} failed"
             + (f", {len(done)} already done" if done else "") + f") in {seconds:.1f} s, "
             f"{(ok + failed) / max(seconds, 1e-9):.1f} images/s -> {out}")
