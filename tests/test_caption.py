@@ -273,3 +273,39 @@ def test_attention_run_and_its_savedmodel_give_the_same_captions(zoo, tiny_atten
     caption_dir(root, "-o", from_saved, "--model", saved, "--batch-size", "3")
     rows = read_csv(from_run)
     assert rows == read_csv(from_saved) and sum(1 for r in rows if r["caption"]) == 12
+
+
+def test_bfloat16_encoder_at_caption_time_and_its_savedmodel(zoo, tiny_run, tmp_path):
+    """--precision mixed_bfloat16 runs the encoder in bfloat16 (features float32, close to float32's);
+    a SavedModel keeps the precision it was exported with and refuses another."""
+    from tfcap import encoder, export
+    from tfcap.errors import TfcapError
+
+    try:
+        encoder.resolve_precision("mixed_bfloat16")
+    except TfcapError as e:
+        pytest.skip(str(e))
+    root, expected = zoo
+    full, half = export.load_predictor(tiny_run), export.load_predictor(tiny_run, precision="mixed_bfloat16")
+    assert (full.settings["encoder_precision"], half.settings["encoder_precision"]) == ("float32", "mixed_bfloat16")
+    assert half._owner.captioner.encoder.model.layers[-1].compute_dtype == "bfloat16"
+    rng = np.random.default_rng(3)
+    pixels = tf.stack([full.preprocess_bytes(tf.io.encode_png((rng.random((40, 40, 3)) * 255).astype(np.uint8)))
+                       for _ in range(6)])
+    want, got = full.encode(pixels)["pooled"], half.encode(pixels)["pooled"]
+    assert got.dtype == tf.float32
+    # bfloat16 keeps 8 mantissa bits; through a random-init network that still tracks float32 closely.
+    assert np.corrcoef(want.numpy().ravel(), got.numpy().ravel())[0, 1] > 0.95
+    assert not np.array_equal(want.numpy(), got.numpy())  # really computed in bfloat16
+
+    out = tmp_path / "half.csv"
+    caption_dir(root, "-o", out, "--model", tiny_run, "--precision", "mixed_bfloat16")
+    rows = read_csv(out)
+    assert [r["error"] == "" for r in rows] == [expected[r["path"]] is None for r in rows]
+    assert all(r["caption"] for r in rows if not r["error"])
+    saved = tmp_path / "saved"
+    result = CliRunner().invoke(main, ["export", str(tiny_run), "-o", str(saved), "--precision", "mixed_bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert export.load_predictor(saved).settings["encoder_precision"] == "mixed_bfloat16"
+    clash = caption_dir(root, "-o", tmp_path / "x.csv", "--model", saved, "--precision", "float32", ok=False)
+    assert clash.exit_code == 2 and "exported with encoder precision mixed_bfloat16" in clash.output

@@ -153,7 +153,17 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
         cache_dir=cache_dir, resume=resume, overwrite=overwrite, show_progress=not quiet)
 
 
+_PRECISION_HELP = ("The encoder's precision (default: the run's). mixed_bfloat16 is about 1.3x faster "
+                   "on CPUs with AMX or AVX512-BF16; captions can differ in rare cases.")
+
+
+def _precision_option(f):
+    return click.option("--precision", type=click.Choice(["float32", "mixed_float16", "mixed_bfloat16"]),
+                        default=None, help=_PRECISION_HELP)(f)
+
+
 def _decoding_options(f):
+    f = _precision_option(f)
     f = click.option("--length-penalty", type=float, default=None,
                      help="alpha in sum_logp / length**alpha for ranking beams (default 0).")(f)
     f = click.option("--beam-size", type=int, default=None, help="Beam width; 1 is greedy (default 3).")(f)
@@ -174,7 +184,7 @@ def _decoding_options(f):
 @click.option("--resume", is_flag=True, help="Append the images missing from an existing output.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, fmt, batch_size, max_pixels,
+def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, precision, fmt, batch_size, max_pixels,
                         no_recursive, gallery_path, strict, resume, overwrite, quiet):
     """Caption every image under IMAGES (jpg, png, gif, bmp, webp) into a CSV."""
     from tfcap import caption, export, images, outputs
@@ -185,7 +195,8 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
     if gallery_path:
         outputs.refuse_existing(gallery_path, overwrite or resume)
     caption.find_images(images_dir, config.recursive)  # a wrong folder fails before the model loads
-    predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty)
+    predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
+                                      precision=precision)
     result = caption.caption_directory(predictor, images_dir, out, config, fmt=fmt, overwrite=overwrite,
                                        resume=resume, show_progress=not quiet)
     if gallery_path:
@@ -199,11 +210,12 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
 @main.command("caption")
 @click.argument("image_paths", metavar="IMAGE...", type=PathArg, nargs=-1, required=True)
 @_decoding_options
-def caption_command(image_paths, model_path, beam_size, length_penalty):
+def caption_command(image_paths, model_path, beam_size, length_penalty, precision):
     """Print PATH<TAB>CAPTION for a few images (errors go to stderr, exit 1)."""
     from tfcap import caption, export
 
-    predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty)
+    predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
+                                      precision=precision)
     config = caption.CaptionConfig(beam_size=beam_size or 3, length_penalty=length_penalty or 0.0)
     failed = 0
     for path, text_, error in caption.iter_captions(predictor, list(image_paths), config):
@@ -221,14 +233,16 @@ def caption_command(image_paths, model_path, beam_size, length_penalty):
 @click.option("-o", "--out", type=PathArg, required=True, help="SavedModel folder to write.")
 @click.option("--beam-size", type=int, default=3, show_default=True)
 @click.option("--length-penalty", type=float, default=0.0, show_default=True)
+@_precision_option
 @click.option("--overwrite", is_flag=True)
-def export_command(run_dir, out, beam_size, length_penalty, overwrite):
+def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite):
     """Export RUN_DIR as a SavedModel: image bytes in, captions and scores out."""
     from tfcap import export
     from tfcap.progress import Stopwatch, summary
 
     clock = Stopwatch()
-    export.export(run_dir, out, beam_size=beam_size, length_penalty=length_penalty, overwrite=overwrite)
+    export.export(run_dir, out, beam_size=beam_size, length_penalty=length_penalty, precision=precision,
+                  overwrite=overwrite)
     summary(f"export: {run_dir} -> {out} (beam size {beam_size}) in {clock.seconds:.1f} s")
 
 
@@ -261,13 +275,14 @@ def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, 
 @click.option("--split", default="test", show_default=True, help="Split to caption or to take references from.")
 @click.option("--beam-size", type=int, default=None, help="Beam width (default 3; fixed for a SavedModel).")
 @click.option("--length-penalty", type=float, default=None)
+@_precision_option
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--no-meteor", is_flag=True, help="Skip METEOR (it starts Java: about 15 s).")
 @click.option("-o", "--out", type=PathArg, help="Folder for scores.json and captions_coco.json.")
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate_command(records_dir, model_path, predictions, references, human_baseline, split, beam_size,
-                     length_penalty, batch_size, no_meteor, out, overwrite, quiet):
+                     length_penalty, precision, batch_size, no_meteor, out, overwrite, quiet):
     """Score captions with BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (coco-caption definitions).
 
     \b
@@ -286,7 +301,7 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
         if records_dir is None:
             raise TfcapError("--model needs the RECORDS folder to caption")
         result = evaluate.run_model(model_path, records_dir, split, beam_size=beam_size, length_penalty=length_penalty,
-                                    batch_size=batch_size, meteor=not no_meteor, show_progress=not quiet)
+                                    precision=precision, batch_size=batch_size, meteor=not no_meteor, show_progress=not quiet)
         out = out or Path(model_path) / f"eval-{split}"
     else:
         refs_path = references or records_dir

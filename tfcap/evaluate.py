@@ -156,11 +156,11 @@ def write_results(out: Path, result: Evaluation, overwrite: bool = False) -> Pat
 
 
 def run_model(model_path: Path, records_dir: Path, split: str, *, beam_size: int | None, length_penalty: float | None,
-              batch_size: int, meteor: bool, show_progress: bool) -> Evaluation:
+              batch_size: int, precision: str | None = None, meteor: bool, show_progress: bool) -> Evaluation:
     """Caption a records split with a run directory or SavedModel and score it."""
     from tfcap.export import load_predictor
 
-    predictor = load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty)
+    predictor = load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty, precision=precision)
     clock = Stopwatch()
     hypotheses = caption_split(predictor, records_dir, split, batch_size, show_progress)
     seconds = clock.seconds

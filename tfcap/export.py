@@ -38,6 +38,7 @@ class ServingModule(tf.Module):
         self.captioner = captioner
         size = captioner.encoder.size
         self.settings = json.dumps({"beam_size": beam_size, "length_penalty": length_penalty, "image_size": size,
+                                    "encoder_precision": captioner.encoder.precision,
                                     "model": captioner.config.to_dict()})
         self._beam_size, self._length_penalty = beam_size, length_penalty
         self._feature_keys = models.feature_keys(captioner.config.decoder)
@@ -72,9 +73,13 @@ class ServingModule(tf.Module):
         return self._caption_pixels(pixels)
 
 
-def export(run_dir: Path, out: Path, *, beam_size: int = 3, length_penalty: float = 0.0, overwrite: bool = False) -> Path:
-    """Write RUN_DIR's captioner as a SavedModel at `out` (atomically); return `out`."""
-    module = ServingModule(models.load_model(run_dir), beam_size, length_penalty)
+def export(run_dir: Path, out: Path, *, beam_size: int = 3, length_penalty: float = 0.0,
+           precision: str | None = None, overwrite: bool = False) -> Path:
+    """Write RUN_DIR's captioner as a SavedModel at `out` (atomically); return `out`.
+
+    precision: the encoder's dtype policy in the SavedModel (default: the run's; see model.load_model).
+    """
+    module = ServingModule(models.load_model(run_dir, encoder_precision=precision), beam_size, length_penalty)
     with atomic_directory(Path(out), overwrite) as scratch:
         tf.saved_model.save(module, str(scratch), signatures={"serving_default": module.serve})
     return Path(out)
@@ -111,17 +116,22 @@ class Predictor:
         return out["captions"], out["scores"]
 
 
-def load_predictor(path: Path, *, beam_size: int | None = None, length_penalty: float | None = None) -> Predictor:
-    """A predictor over a run directory (decoding settings from the arguments, default beam 3) or an
-    exported SavedModel (decoding settings fixed at export; asking for others is an error)."""
+def load_predictor(path: Path, *, beam_size: int | None = None, length_penalty: float | None = None,
+                   precision: str | None = None) -> Predictor:
+    """A predictor over a run directory (decoding settings and the encoder's precision from the
+    arguments; default beam 3 and the run's precision) or an exported SavedModel (all fixed at
+    export; asking for others is an error)."""
     path = Path(path)
     if (path / models.CONFIG).is_file():
-        module = ServingModule(models.load_model(path), beam_size or 3, length_penalty or 0.0)
+        module = ServingModule(models.load_model(path, encoder_precision=precision), beam_size or 3,
+                               length_penalty or 0.0)
         return Predictor(module, json.loads(module.settings))
     if (path / "saved_model.pb").is_file():
         loaded = tf.saved_model.load(str(path))
         settings = json.loads(loaded.get_settings().numpy().decode())
-        for name, asked in (("beam_size", beam_size), ("length_penalty", length_penalty)):
+        settings.setdefault("encoder_precision", settings["model"]["precision"])  # exported before the option
+        for name, asked in (("beam_size", beam_size), ("length_penalty", length_penalty),
+                            ("encoder_precision", precision)):
             if asked is not None and asked != settings[name]:
                 raise TfcapError(f"{path} was exported with {name.replace('_', ' ')} {settings[name]}; "
                                  f"re-export to use {asked}")

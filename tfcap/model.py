@@ -141,8 +141,13 @@ def load_vocabulary_checked(run_dir: Path, config: ModelConfig) -> text.Vocabula
     return vocab
 
 
-def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS) -> Captioner:
-    """Rebuild the captioner from a run directory; TfcapError on a missing file or a vocab/config mismatch."""
+def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision: str | None = None) -> Captioner:
+    """Rebuild the captioner from a run directory; TfcapError on a missing file or a vocab/config mismatch.
+
+    encoder_precision overrides the run's dtype policy for the encoder only (the weights are float32
+    either way): "mixed_bfloat16" runs a CNN about 1.3x faster on CPUs with AMX or AVX512-BF16. The
+    decoder keeps the run's precision: its steps are small, so casts would cost more than they save.
+    """
     run_dir = Path(run_dir)
     config = ModelConfig.from_dict(read_run_config(run_dir)["model"])
     vocab = load_vocabulary_checked(run_dir, config)
@@ -150,7 +155,7 @@ def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS) -> Captioner:
         if not (run_dir / name).is_file():
             raise TfcapError(f"{run_dir} has no {name}; was training interrupted before the first epoch ended?")
     encoder_config = dataclasses.replace(config.encoder, weights=str(run_dir / ENCODER_WEIGHTS))
-    encoder = encoders.build_encoder(encoder_config, config.precision)
+    encoder = encoders.build_encoder(encoder_config, encoder_precision or config.precision)
     grid_h, grid_w = encoder.grid_shape
     decoder = build_decoder(config, encoder.feature_dim, grid_h * grid_w)
     try:

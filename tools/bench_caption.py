@@ -1,6 +1,6 @@
 """Captioning throughput: encoder alone vs `caption-dir` vs the notebook way, in one run.
 
-    python tools/bench_caption.py speed IMAGES [--images 200] [--notebook-images 20] [--repeats 3]
+    python tools/bench_caption.py speed IMAGES [--images 200] [--notebook-images 20] [--repeats 3] [--precision P]
     python tools/bench_caption.py rss IMAGES --model RUN_DIR [--small 500] [--large 5000]
     python tools/bench_caption.py beam [--vocab 3000] [--batch 32] [--steps 20] [--baseline REV] [--threads N]
 
@@ -11,6 +11,8 @@ merge decoder), measures images/s of
   (b) `tfcap caption-dir` end to end (walk, pipeline, encoder, beam search 3, CSV), library call;
   (c) the notebook way: PIL open + resize, one encoder `model.predict` per image, then one decoder
       `model.predict` per generated word (greedy), with the same decoder weights.
+With --precision mixed_bfloat16, (a) and (b) run the encoder in bfloat16
+(`caption-dir --precision`) while the notebook stays in float32, as notebooks do.
 Warm-up runs (tracing) are excluded. Prints each run, medians and the ratios (b)/(a), (b)/(c).
 
 beam: beam search alone (beam 3) on a random-init merge decoder step (vocabulary --vocab, --batch
@@ -135,10 +137,11 @@ def speed(args) -> None:
     try:
         run = Path(args.model) if args.model else make_xception_run(work)
         files = link_images(Path(args.images_dir), args.images, work / "images")
-        captioner = model.load_model(run)
-        predictor = export.load_predictor(run, beam_size=3)
-        encoder = captioner.encoder
-        print(f"model: {captioner.config.encoder.name} at {encoder.size}, {len(files)} images", flush=True)
+        captioner = model.load_model(run)  # the notebook's, in the run's precision (float32 on a CPU)
+        predictor = export.load_predictor(run, beam_size=3, precision=args.precision)
+        encoder = model.load_model(run, encoder_precision=args.precision).encoder if args.precision else captioner.encoder
+        print(f"model: {captioner.config.encoder.name} at {encoder.size}, {len(files)} images; (a) and (b) in "
+              f"{encoder.precision}, (c) in {captioner.encoder.precision}", flush=True)
 
         def encoder_alone(paths) -> float:
             dataset = (tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
@@ -306,6 +309,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="beam: images per batch")
     parser.add_argument("--steps", type=int, default=20, help="beam: decoding steps")
     parser.add_argument("--baseline", metavar="REV", help="beam: also time tfcap/beam.py at this git revision")
+    parser.add_argument("--precision", default=None, choices=["float32", "mixed_float16", "mixed_bfloat16"],
+                        help="speed: the encoder's precision in (a) and (b) (default: the run's); the notebook keeps the run's")
     parser.add_argument("--threads", type=int, default=0, help="beam: TensorFlow intra- and inter-op threads "
                         "(0: TensorFlow's default; 1 is steadier on a busy machine)")
     args = parser.parse_args()
