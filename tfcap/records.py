@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -164,12 +165,12 @@ def _shard_counts(sizes_by_split: dict[str, list[int]], config: RecordsConfig) -
 @dataclasses.dataclass(frozen=True)
 class _File:
     """An image file as its first bytes show it (`images.first_look`)."""
-    path: Path
+    path: str
     format: str | None
     size: int
 
 
-def _first_looks(paths: list[Path]) -> list[tuple[str | None, str | None, int]]:
+def _first_looks(paths: list[str]) -> list[tuple[str | None, str | None, int]]:
     """`images.first_look` of each path, from 16 threads: on a cold page cache, many reads in
     flight let the disk, not a one-at-a-time loop, set the pace (2.5x faster on Flickr8k)."""
     chunks = [paths[k:k + 256] for k in range(0, len(paths), 256)]
@@ -256,7 +257,7 @@ def _write_pass(scratch: Path, source: layouts.Source, files: dict[str, _File], 
         size = _features_message({"image/height": shapes[:, 0], "image/width": shapes[:, 1]})
         return indices, _serialize_examples(datas, tf.strings.join([size, tf.gather(known, indices)]))
 
-    path_strings = tf.constant([str(files[i].path) for i in image_ids] or [""], tf.string)
+    path_strings = tf.constant([files[i].path for i in image_ids] or [""], tf.string)
     stream = (tf.data.Dataset.from_tensor_slices((tf.range(len(image_ids), dtype=tf.int64), path_strings))
               .take(len(image_ids))
               .map(read_and_check, num_parallel_calls=tf.data.AUTOTUNE)
@@ -327,7 +328,8 @@ def build_records(source: layouts.Source, out: Path, config: RecordsConfig = Rec
         # broken one is reported (the bogus Flickr8k id `...jpg.1` is in no split).
         ids = list(source.captions)
         files, reasons = {}, {}
-        paths = [source.path(i) for i in ids]
+        # Strings, not Paths: pathlib parses each id again, 0.25 s for Flickr8k's 8,091.
+        paths = [os.path.join(source.images_dir, i) for i in ids]
         for i, path, (reason, image_format, size) in zip(ids, paths, _first_looks(paths)):
             files[i] = _File(path, image_format, size)
             if reason:
