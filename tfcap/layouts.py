@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import os
 from pathlib import Path
 
 from tfcap.errors import TfcapError
@@ -42,8 +43,9 @@ class Source:
     split_source: str  # "official" (Flickr8k split files), "column" (CSV split column) or "hash"
     bad_lines: list[str] = dataclasses.field(default_factory=list)  # "file:line: reason", skipped
 
-    def path(self, image_id: str) -> Path:
-        return self.images_dir / image_id
+    def path(self, image_id: str) -> str:
+        # A string, not a Path: pathlib parses each id again (0.25 s for Flickr8k's 8,091 images).
+        return os.path.join(self.images_dir, image_id)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,7 +60,7 @@ def main() -> None:
     from tfcap import layouts, records
 
     source = layouts.read_source(args.data, images_dir=args.images)
-    files = [str(source.path(i)) for i in source.captions if source.path(i).exists()] + [str(source.captions_file)]
+    files = [source.path(i) for i in source.captions if os.path.exists(source.path(i))] + [str(source.captions_file)]
     cache = "cold" if args.cold else "warm"
     print(f"{len(files):,} files, {sum(os.path.getsize(f) for f in files) / 1e6:.0f} MB, {cache} cache; "
           f"load average {load()}", flush=True)
