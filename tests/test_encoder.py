@@ -88,6 +88,46 @@ def test_architecture_shapes(name, size, grid, channels):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,size", [("xception", 71), ("inception_v3", 75), ("mobilenet", 64), ("convnet", 32)])
+def test_inference_encoder_folds_batch_norm_and_keeps_features(name, size):
+    config = EncoderConfig(name, weights="none", image_size=size, alpha=0.25 if name == "mobilenet" else 1.0)
+    plain, folded = build_encoder(config), build_encoder(config, inference=True)
+    batch_norms = [layer for layer in plain.model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert batch_norms and not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.model.layers)
+    removed = sum(len(bn.weights) for bn in batch_norms) - len(batch_norms)  # each BN's 3 or 4 vars -> a bias
+    assert len(folded.model.weights) == len(plain.model.weights) - removed
+    assert not folded.model.trainable and (folded.grid_shape, folded.feature_dim) == (plain.grid_shape, plain.feature_dim)
+    x = plain.preprocess(random_images((3, size, size, 3)))
+    ours, reference = folded(x).numpy(), plain(x).numpy()
+    assert np.abs(reference).max() > 1e-2  # calibrated random BN: features are not vanishing
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4 * np.abs(reference).max())
+
+
+def test_fold_batch_norm_every_convolution_kind_and_what_it_must_not_fold():
+    rng = np.random.default_rng(0)
+    x = inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(4, 3, use_bias=True, name="conv")(x)  # has its own bias
+    x = keras.layers.BatchNormalization(name="bn_conv")(x)
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, use_bias=False, name="depthwise")(x)
+    x = keras.layers.BatchNormalization(center=False, name="bn_depthwise")(x)
+    x = keras.layers.SeparableConv2D(5, 3, depth_multiplier=2, name="separable")(x)
+    x = keras.layers.BatchNormalization(scale=False, name="bn_separable")(x)
+    shared = keras.layers.Conv2D(5, 1, name="shared")(x)  # also read by the Add: must not be folded
+    y = keras.layers.Add()([keras.layers.BatchNormalization(name="bn_shared")(shared), shared])
+    z = keras.layers.BatchNormalization(name="bn_after_add")(y)  # after an Add: nothing to fold into
+    model = keras.Model(inputs, z)
+    for layer in model.layers:  # moving statistics far from (0, 1), so that a wrong fold shows
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.set_weights([rng.uniform(0.5, 2.0, w.shape) if "variance" in w.path or "gamma" in w.path
+                               else rng.normal(0, 1, w.shape) for w in layer.weights])
+    folded = enc.fold_batch_norm(model)
+    kept = {layer.name for layer in folded.layers if isinstance(layer, keras.layers.BatchNormalization)}
+    assert kept == {"bn_shared", "bn_after_add"}
+    images = rng.normal(0, 1, (2, 12, 12, 3)).astype("float32")
+    np.testing.assert_allclose(folded(images).numpy(), model(images, training=False).numpy(), rtol=1e-5, atol=1e-5)
+    assert isinstance(model.get_layer("bn_conv"), keras.layers.BatchNormalization)  # the original is untouched
+
+
 def test_random_init_is_reproducible():
     config = EncoderConfig("mobilenet", weights="none", image_size=32, alpha=0.25)
     assert same_weights(build_encoder(config).model, build_encoder(config).model)

@@ -25,6 +25,7 @@ import random
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfcap.errors import TfcapError
@@ -340,8 +341,11 @@ class Encoder(tf.Module):
         return self.pool(grid), tf.reshape(grid, [-1, h * w, self.feature_dim])
 
 
-def build_encoder(config: EncoderConfig, precision: str = "float32") -> Encoder:
+def build_encoder(config: EncoderConfig, precision: str = "float32", *, inference: bool = False) -> Encoder:
     """Build the frozen encoder for `config` under the dtype policy `precision` (see resolve_precision).
+
+    inference=True folds BatchNorm into the convolutions (`fold_batch_norm`): ~10% faster, the same
+    features to float rounding, but the model can no longer train. Captioning and export use it.
 
     Raises TfcapError (one line) when ImageNet weights cannot be fetched or a weights file is
     missing or does not fit the architecture.
@@ -368,6 +372,8 @@ def build_encoder(config: EncoderConfig, precision: str = "float32") -> Encoder:
         _load(model, path, config)
     else:
         _calibrate_batch_norm(model, config)
+    if inference:
+        model = fold_batch_norm(model)
     model.trainable = False
     return Encoder(config, model, precision, "none" if path is None else "sha256:" + sha256_file(path)[:16])
 
@@ -398,3 +404,70 @@ def _calibrate_batch_norm(model: keras.Model, config: EncoderConfig) -> None:
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
+
+
+_FOLDABLE = (keras.layers.Conv2D, keras.layers.SeparableConv2D, keras.layers.DepthwiseConv2D)
+
+
+class _FoldedBatchNorm(keras.layers.Layer):
+    """Where a BatchNormalization was, once folded into the convolution before it: passes its input on."""
+
+    def call(self, inputs, training=None, mask=None):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def fold_batch_norm(model: keras.Model) -> keras.Model:
+    """An inference copy of a functional `model` with each BatchNormalization folded into its convolution.
+
+    In inference mode BatchNorm is a per-channel affine map y = s * x + t (s = gamma / sqrt(var + eps),
+    t = beta - mean * s). After a convolution whose output goes nowhere else, it folds exactly into
+    that convolution: kernel * s (per output channel) and bias * s + t. TensorFlow then runs
+    Conv2D + BiasAdd (+ ReLU) as one fused oneDNN kernel instead of a convolution and two full passes
+    over the activations: Xception at 299 encodes ~10% faster on a CPU. The copy computes the same
+    features up to float rounding (~1e-6 relative) but has no BatchNorm left to train; the original
+    is untouched. BatchNorm layers not right after a foldable convolution are kept.
+    """
+    folds = {}  # convolution name -> the BatchNormalization folded into it
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization) or layer.axis not in (-1, 3):
+            continue
+        source = layer.input._keras_history.operation
+        # Only a convolution called once whose one output feeds only this BatchNorm, itself called once.
+        calls = (len(source._inbound_nodes), len(source._outbound_nodes), len(layer._inbound_nodes))
+        if isinstance(source, _FOLDABLE) and source.data_format == "channels_last" and calls == (1, 1, 1):
+            folds[source.name] = layer
+    if not folds:
+        return model
+    folded_names = {bn.name for bn in folds.values()}
+
+    def clone(layer):
+        config = layer.get_config()
+        if layer.name in folded_names:
+            return _FoldedBatchNorm(name=layer.name, dtype=layer.dtype_policy)
+        if layer.name in folds:
+            config["use_bias"] = True
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    for layer in model.layers:
+        if layer.name in folded_names or not layer.weights:  # (clones of input layers get new names)
+            continue
+        target = copy.get_layer(layer.name)
+        if layer.name not in folds:
+            target.set_weights(layer.get_weights())
+            continue
+        bn = folds[layer.name]
+        mean, variance = bn.moving_mean.numpy(), bn.moving_variance.numpy()
+        scale = (bn.gamma.numpy() if bn.scale else 1.0) / np.sqrt(variance + bn.epsilon)
+        shift = (bn.beta.numpy() if bn.center else 0.0) - mean * scale
+        weights = layer.get_weights()
+        bias = weights.pop() * scale + shift if layer.use_bias else shift
+        kernel = weights[-1]  # Conv2D: [kh, kw, in, out]; SeparableConv2D: pointwise [1, 1, in * m, out];
+        #                       DepthwiseConv2D: [kh, kw, in, m], output channel c * m + j
+        weights[-1] = kernel * scale.reshape(kernel.shape[2:] if isinstance(layer, keras.layers.DepthwiseConv2D)
+                                             else scale.shape)
+        target.set_weights([*weights, bias])
+    return copy
