@@ -231,10 +231,10 @@ def test_export_round_trip_in_a_fresh_process_and_same_captions_as_the_run(zoo, 
 
 def test_savedmodel_without_encode_and_decode_still_captions(zoo, tiny_run, tmp_path):
     """SavedModels exported before `encode`/`decode` existed: caption_pixels runs the whole way."""
-    from tfcap import export, model
+    from tfcap import export
 
     root, _ = zoo
-    module = export.ServingModule(model.load_model(tiny_run), beam_size=3)
+    module = export.serving_module(tiny_run, beam_size=3, length_penalty=0.0, precision=None)
     del module.encode, module.decode
     old = tmp_path / "old"
     tf.saved_model.save(module, str(old), signatures={"serving_default": module.serve})

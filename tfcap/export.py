@@ -73,13 +73,19 @@ class ServingModule(tf.Module):
         return self._caption_pixels(pixels)
 
 
+def serving_module(run_dir: Path, beam_size: int, length_penalty: float, precision: str | None) -> ServingModule:
+    """RUN_DIR's captioner for captioning only: BatchNorm folded into the encoder (encoder.fold_batch_norm)."""
+    return ServingModule(models.load_model(run_dir, encoder_precision=precision, inference=True), beam_size,
+                         length_penalty)
+
+
 def export(run_dir: Path, out: Path, *, beam_size: int = 3, length_penalty: float = 0.0,
            precision: str | None = None, overwrite: bool = False) -> Path:
     """Write RUN_DIR's captioner as a SavedModel at `out` (atomically); return `out`.
 
     precision: the encoder's dtype policy in the SavedModel (default: the run's; see model.load_model).
     """
-    module = ServingModule(models.load_model(run_dir, encoder_precision=precision), beam_size, length_penalty)
+    module = serving_module(run_dir, beam_size, length_penalty, precision)
     with atomic_directory(Path(out), overwrite) as scratch:
         tf.saved_model.save(module, str(scratch), signatures={"serving_default": module.serve})
     return Path(out)
@@ -123,8 +129,7 @@ def load_predictor(path: Path, *, beam_size: int | None = None, length_penalty: 
     export; asking for others is an error)."""
     path = Path(path)
     if (path / models.CONFIG).is_file():
-        module = ServingModule(models.load_model(path, encoder_precision=precision), beam_size or 3,
-                               length_penalty or 0.0)
+        module = serving_module(path, beam_size or 3, length_penalty or 0.0, precision)
         return Predictor(module, json.loads(module.settings))
     if (path / "saved_model.pb").is_file():
         loaded = tf.saved_model.load(str(path))

@@ -141,12 +141,15 @@ def load_vocabulary_checked(run_dir: Path, config: ModelConfig) -> text.Vocabula
     return vocab
 
 
-def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision: str | None = None) -> Captioner:
+def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision: str | None = None, *,
+               inference: bool = False) -> Captioner:
     """Rebuild the captioner from a run directory; TfcapError on a missing file or a vocab/config mismatch.
 
     encoder_precision overrides the run's dtype policy for the encoder only (the weights are float32
     either way): "mixed_bfloat16" runs Xception 1.3x to 1.7x faster on CPUs with AMX or AVX512-BF16. The
     decoder keeps the run's precision: its steps are small, so casts would cost more than they save.
+    inference=True builds the encoder with BatchNorm folded into its convolutions (faster, cannot train;
+    see encoder.fold_batch_norm): for captioning and export.
     """
     run_dir = Path(run_dir)
     config = ModelConfig.from_dict(read_run_config(run_dir)["model"])
@@ -155,7 +158,7 @@ def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision:
         if not (run_dir / name).is_file():
             raise TfcapError(f"{run_dir} has no {name}; was training interrupted before the first epoch ended?")
     encoder_config = dataclasses.replace(config.encoder, weights=str(run_dir / ENCODER_WEIGHTS))
-    encoder = encoders.build_encoder(encoder_config, encoder_precision or config.precision)
+    encoder = encoders.build_encoder(encoder_config, encoder_precision or config.precision, inference=inference)
     grid_h, grid_w = encoder.grid_shape
     decoder = build_decoder(config, encoder.feature_dim, grid_h * grid_w)
     try:
