@@ -1,24 +1,36 @@
 """Captioning throughput: encoder alone vs `caption-dir` vs the notebook way, in one run.
 
-    python tools/bench_caption.py speed IMAGES [--images 200] [--notebook-images 20] [--repeats 3] [--precision P]
+    python tools/bench_caption.py speed IMAGES --model RUN_X [--images 200] [--notebook-images 20] [--repeats 3] [--precision P]
+    python tools/bench_caption.py fold [--encoder xception] [--batch 32] [--repeats 5] [--precision P]
     python tools/bench_caption.py rss IMAGES --model RUN_DIR [--small 500] [--large 5000]
     python tools/bench_caption.py beam [--vocab 3000] [--batch 32] [--steps 20] [--baseline REV] [--threads N]
 
-speed: on the first --images files of IMAGES (sorted), with a model whose encoder is Xception at
-299 with random weights (made here on the fly: records from a generated dataset, one epoch of a
-merge decoder), measures images/s of
-  (a) the encoder alone, batched through tf.data (read, decode, resize, preprocess, encode);
+speed: on the first --images files of IMAGES (sorted), with the captioner of --model RUN_DIR, measures
+images/s of
+  (a) the encoder alone, batched through tf.data: caption-dir's own read, decode, resize, preprocess
+      and encoder (BatchNorm folded, as caption-dir runs it), nothing after;
   (b) `tfcap caption-dir` end to end (walk, pipeline, encoder, beam search 3, CSV), library call;
-  (c) the notebook way: PIL open + resize, one encoder `model.predict` per image, then one decoder
-      `model.predict` per generated word (greedy), with the same decoder weights.
+  (c) the notebook way: PIL open + resize, one encoder `model.predict` per image (the stock Keras
+      model), then one decoder `model.predict` per generated word (greedy), same decoder weights.
 With --precision mixed_bfloat16, (a) and (b) run the encoder in bfloat16
 (`caption-dir --precision`) while the notebook stays in float32, as notebooks do.
-Warm-up runs (tracing) are excluded. Prints each run, medians and the ratios (b)/(a), (b)/(c).
+Warm-up runs (tracing) are excluded. Prints each run (with the mean words per caption of (b) and
+(c): the notebook pays one `predict` per word), medians and the ratios (b)/(a), (b)/(c).
+The run to measure is Xception at 299 trained on real captions (random encoder weights are fine
+for speed), e.g. on Flickr8k's records (~20 min here, mostly encoding 7,000 images once):
+    tfcap train records -o RUN_X --encoder xception --encoder-weights none --decoder merge --epochs 3 --eval-every 0
+The model matters for (c): the notebook pays one `predict` per word, so a model whose captions are
+nearly empty (a smoke-test run on generated scenes says 0 or 1 word) makes the notebook look 3x
+to 4x faster than it is on real captions. The benchmark warns when (c)'s captions average under 3 words.
 
 beam: beam search alone (beam 3) on a random-init merge decoder step (vocabulary --vocab, --batch
 images, exactly --steps steps: `<end>` is never chosen), against the same decoder steps run without
 search (argmax tokens, no reordering) and greedy decoding; with --baseline REV, also the beam search
 of tfcap/beam.py at git revision REV, interleaved in the same process, and the speed-up over it.
+
+fold: the encoder alone on one random batch (--batch, default 32) in memory, with BatchNorm as Keras
+builds it against BatchNorm folded into the convolutions (what caption-dir runs), interleaved;
+--encoder (default xception at its 299), --precision.
 
 rss: peak RSS (from /usr/bin/time) of the `tfcap caption-dir` CLI on --small and on --large
 images with RUN_DIR, and their ratio: nothing may accumulate per image.
@@ -51,25 +63,6 @@ def link_images(source: Path, count: int, folder: Path) -> list[Path]:
     for i in range(count):  # cycle names if needed; symlinks, so nothing is copied
         (folder / f"{i:06d}{Path(paths[i]).suffix}").symlink_to((source / paths[i]).resolve())
     return sorted(folder.iterdir())
-
-
-def make_xception_run(work: Path) -> Path:
-    """A merge captioner over random-init Xception at 299, trained one epoch on a generated dataset."""
-    from click.testing import CliRunner
-
-    from tfcap import synthetic
-    from tfcap.cli import main
-
-    data = work / "scenes"
-    synthetic.write_scenes(data, synthetic.SceneConfig(images=64, seed=0))
-    for args in (["build-records", "--captions", str(data / "captions.csv"), "--images", str(data / "images"),
-                  "-o", str(work / "records"), "--min-count", "1", "--quiet"],
-                 ["train", str(work / "records"), "-o", str(work / "run"), "--encoder", "xception",
-                  "--encoder-weights", "none", "--epochs", "1", "--eval-every", "0", "--quiet"]):
-        result = CliRunner().invoke(main, args)
-        if result.exit_code:
-            sys.exit(result.output)
-    return work / "run"
 
 
 def notebook_models(captioner):
@@ -131,27 +124,29 @@ def notebook_caption(files, captioner, pooled_model, decoder_model, max_len, sec
 def speed(args) -> None:
     import tensorflow as tf
 
-    from tfcap import caption, export, images, model
+    from tfcap import caption, export, model
 
     work = Path(tempfile.mkdtemp(prefix="tfcap-bench-caption-"))
     try:
-        run = Path(args.model) if args.model else make_xception_run(work)
+        run = Path(args.model)
         files = link_images(Path(args.images_dir), args.images, work / "images")
-        captioner = model.load_model(run)  # the notebook's, in the run's precision (float32 on a CPU)
-        predictor = export.load_predictor(run, beam_size=3, precision=args.precision)
-        encoder = model.load_model(run, encoder_precision=args.precision).encoder if args.precision else captioner.encoder
-        print(f"model: {captioner.config.encoder.name} at {encoder.size}, {len(files)} images; (a) and (b) in "
-              f"{encoder.precision}, (c) in {captioner.encoder.precision}", flush=True)
+        captioner = model.load_model(run)  # the notebook's: stock Keras layers, the run's precision
+        predictor = export.load_predictor(run, beam_size=3, precision=args.precision)  # caption-dir's
+        print(f"model: {captioner.config.encoder.name} at {captioner.encoder.size}, vocabulary "
+              f"{captioner.config.vocab_size}, {len(files)} images; (a) and (b) in "
+              f"{predictor.settings['encoder_precision']}, (c) in {captioner.encoder.precision}", flush=True)
 
-        def encoder_alone(paths) -> float:
+        def encoder_alone(paths) -> float:  # caption-dir's own preprocessing and encoder, nothing after
             dataset = (tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
-                       .map(lambda p: encoder.preprocess(images.decode_rgb(tf.io.read_file(p))),
+                       .map(lambda p: predictor.preprocess_bytes(tf.io.read_file(p)),
                             num_parallel_calls=tf.data.AUTOTUNE)
                        .batch(32).prefetch(tf.data.AUTOTUNE))
             start = time.perf_counter()
             for batch in dataset:
-                encoder(batch).numpy()
+                tf.nest.map_structure(lambda t: t.numpy(), predictor.encode(batch))
             return len(paths) / (time.perf_counter() - start)
+
+        caption_words = []  # mean words per caption-dir caption, per run
 
         def caption_dir(folder) -> float:
             out = work / "out.csv"
@@ -159,8 +154,10 @@ def speed(args) -> None:
             caption.caption_directory(predictor, folder, out, overwrite=True, show_progress=False)
             seconds = time.perf_counter() - start
             with open(out) as f:
-                assert sum(1 for row in csv.DictReader(f) if not row["error"]) == len(list(folder.iterdir()))
-            return len(list(folder.iterdir())) / seconds
+                rows = list(csv.DictReader(f))
+            assert sum(1 for row in rows if not row["error"]) == len(list(folder.iterdir()))
+            caption_words.append(statistics.mean(len(row["caption"].split()) for row in rows))
+            return len(rows) / seconds
 
         warm = work / "warm"  # a full batch and a partial one: oneDNN builds its kernels per batch shape
         link_images(Path(args.images_dir), 40, warm)
@@ -169,21 +166,28 @@ def speed(args) -> None:
         pooled_model, decoder_model, max_len = notebook_models(captioner)
         notebook_caption(sorted(warm.iterdir())[:1], captioner, pooled_model, decoder_model, max_len)
 
-        a, b, c, c_encoder = [], [], [], []
+        a, b, c, c_encoder, c_words = [], [], [], [], []
         for r in range(args.repeats):
             load = os.getloadavg()[0]
             a.append(encoder_alone(files))
             b.append(caption_dir(work / "images"))
             start, parts = time.perf_counter(), {}
-            notebook_caption(files[: args.notebook_images], captioner, pooled_model, decoder_model, max_len, parts)
+            texts = notebook_caption(files[: args.notebook_images], captioner, pooled_model, decoder_model, max_len,
+                                     parts)
             c.append(args.notebook_images / (time.perf_counter() - start))
             c_encoder.append(parts["encoder"] / args.notebook_images)
-            print(f"run {r + 1}: (a) encoder alone {a[-1]:.2f} images/s, (b) caption-dir {b[-1]:.2f} images/s, "
-                  f"(c) notebook {c[-1]:.3f} images/s ({c_encoder[-1]:.3f} s/image in its encoder predict); "
-                  f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
+            c_words.append(statistics.mean(len(t.split()) for t in texts))
+            print(f"run {r + 1}: (a) encoder alone {a[-1]:.2f} images/s, (b) caption-dir {b[-1]:.2f} images/s "
+                  f"({caption_words[-1]:.1f} words per caption), (c) notebook {c[-1]:.3f} images/s "
+                  f"({c_words[-1]:.1f} words; {c_encoder[-1]:.3f} s/image in its "
+                  f"encoder predict); load average {load:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
         ma, mb, mc = statistics.median(a), statistics.median(b), statistics.median(c)
         print(f"median of {args.repeats}: (a) {ma:.2f}, (b) {mb:.2f}, (c) {mc:.3f} images/s; "
               f"(b)/(a) = {mb / ma:.2f} (target >= 0.9), (b)/(c) = {mb / mc:.1f}x (target >= 8)")
+        if statistics.median(c_words) < 3:
+            print(f"WARNING: the notebook's captions average {statistics.median(c_words):.1f} words: it skipped "
+                  "most of its per-word predicts, so (c) is far faster than on real captions; train the model "
+                  "on real captions (see this script's docstring)")
         encoder_share = statistics.median(c_encoder) * mc
         print(f"the notebook spends {encoder_share:.0%} of its time in its encoder predict (batch of 1), which is "
               f"{ma * statistics.median(c_encoder):.1f}x slower per image than (a); at the encoder's speed, "
@@ -212,6 +216,34 @@ def peak_rss(args) -> None:
               f"(target <= 1.5)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def fold_speed(args) -> None:
+    import tensorflow as tf
+
+    from tfcap.encoder import EncoderConfig, build_encoder
+
+    config = EncoderConfig(args.encoder, weights="none")
+    precision = args.precision or "float32"
+    encoders = {"BatchNorm layers": build_encoder(config, precision),
+                "BatchNorm folded": build_encoder(config, precision, inference=True)}
+    pixels = tf.random.stateless_uniform([args.batch, config.size, config.size, 3], seed=[0, 0], minval=-1, maxval=1)
+    outputs = {name: encoder(pixels).numpy() for name, encoder in encoders.items()}  # traces and warms up
+    reference = outputs["BatchNorm layers"]
+    error = np.abs(outputs["BatchNorm folded"] - reference).max() / np.abs(reference).max()
+    rates, load = {name: [] for name in encoders}, os.getloadavg()[0]
+    for _ in range(args.repeats):
+        for name, encoder in encoders.items():
+            start = time.perf_counter()
+            encoder(pixels).numpy()
+            rates[name].append(args.batch / (time.perf_counter() - start))
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    print(f"{args.encoder} at {config.size}, {precision}, batch {args.batch}, median of {args.repeats}, "
+          f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}:")
+    for name, rate in medians.items():
+        print(f"  {name:<17} {rate:7.2f} images/s")
+    print(f"  folded / layers = {medians['BatchNorm folded'] / medians['BatchNorm layers']:.2f}x; largest feature "
+          f"difference {error:.1e} of the largest feature")
 
 
 def beam_speed(args) -> None:
@@ -297,28 +329,30 @@ def beam_speed(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["speed", "rss", "beam"])
+    parser.add_argument("mode", choices=["speed", "rss", "beam", "fold"])
     parser.add_argument("images_dir", metavar="IMAGES", nargs="?")
-    parser.add_argument("--model", help="run directory (speed: default makes an Xception-299 one)")
+    parser.add_argument("--model", help="speed, rss: run directory (or SavedModel) to caption with")
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--notebook-images", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small", type=int, default=500)
     parser.add_argument("--large", type=int, default=5000)
     parser.add_argument("--vocab", type=int, default=3000, help="beam: vocabulary size")
-    parser.add_argument("--batch", type=int, default=32, help="beam: images per batch")
+    parser.add_argument("--batch", type=int, default=32, help="beam, fold: images per batch")
+    parser.add_argument("--encoder", default="xception", help="fold: encoder architecture")
     parser.add_argument("--steps", type=int, default=20, help="beam: decoding steps")
     parser.add_argument("--baseline", metavar="REV", help="beam: also time tfcap/beam.py at this git revision")
     parser.add_argument("--precision", default=None, choices=["float32", "mixed_float16", "mixed_bfloat16"],
-                        help="speed: the encoder's precision in (a) and (b) (default: the run's); the notebook keeps the run's")
+                        help="speed: the encoder's precision in (a) and (b) (default: the run's; the notebook "
+                        "keeps the run's); fold: the encoders' (default float32)")
     parser.add_argument("--threads", type=int, default=0, help="beam: TensorFlow intra- and inter-op threads "
                         "(0: TensorFlow's default; 1 is steadier on a busy machine)")
     args = parser.parse_args()
-    if args.mode == "rss" and not args.model:
-        parser.error("rss needs --model RUN_DIR")
-    if args.mode != "beam" and not args.images_dir:
+    if args.mode in ("speed", "rss") and not args.model:
+        parser.error(f"{args.mode} needs --model RUN_DIR")
+    if args.mode in ("speed", "rss") and not args.images_dir:
         parser.error(f"{args.mode} needs IMAGES")
-    {"speed": speed, "rss": peak_rss, "beam": beam_speed}[args.mode](args)
+    {"speed": speed, "rss": peak_rss, "beam": beam_speed, "fold": fold_speed}[args.mode](args)
 
 
 if __name__ == "__main__":
