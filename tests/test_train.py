@@ -6,12 +6,13 @@ import csv
 import json
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from tfcap import decoder, encoder, images, inputs, model, records, text, train
+from tfcap import decoder, encoder, features, images, inputs, model, records, text, train
 from tfcap.cli import main
 from tfcap.errors import TfcapError
 
@@ -179,6 +180,23 @@ def test_second_run_reuses_the_feature_cache_without_decoding_an_image(tiny_reco
     monkeypatch.setattr(images, "decode_rgb", no_decoding)
     fit(tiny_records, tmp_path / "second", tmp_path / "cache", epochs=1)
     assert epochs_logged(tmp_path / "second")[0]["loss"] == epochs_logged(tmp_path / "first")[0]["loss"]
+
+
+def test_feature_cache_holds_the_encoders_features(tiny_records, tmp_path):
+    """The cache is encoded with BatchNorm folded (faster); its features are the encoder's all the same."""
+    plain = encoder.build_encoder(TINY_ENCODER)
+    entry = features.build_features(tiny_records, "train", plain, True, cache_dir=tmp_path, show_progress=False)
+    cached = {e["image_id"]: e for e in features.load_features(entry).as_numpy_iterator()}
+    assert any(isinstance(layer, keras.layers.BatchNormalization) for layer in plain.model.layers)  # untouched
+    seen = 0
+    for batch in inputs.image_batches(tiny_records, "train", plain.preprocess, 4):
+        grid = plain(batch["image"]).numpy().reshape(len(batch["image_id"]), -1, plain.feature_dim)
+        for image_id, want in zip(batch["image_id"].numpy(), grid):
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(cached[image_id]["pooled"], want.mean(axis=0), rtol=0, atol=1e-4 * scale)
+            np.testing.assert_allclose(cached[image_id]["grid"], want, rtol=0, atol=2e-3 * scale)  # float16
+            seen += 1
+    assert seen == len(cached) == 8
 
 
 def test_mismatched_vocabulary_is_refused(tiny_records, tmp_path):

@@ -54,12 +54,16 @@ def find_features(records_dir: Path, split: str, encoder, with_grid: bool, cache
 
 def build_features(records_dir: Path, split: str, encoder, with_grid: bool, *, cache_dir: Path | None = None,
                    batch_size: int = 32, show_progress: bool = True) -> Path:
-    """Encode every image of a split once and save the features; return the cache entry's path."""
+    """Encode every image of a split once and save the features; return the cache entry's path.
+
+    The encoder runs with BatchNorm folded (`Encoder.folded`): the same features, sooner.
+    """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(records_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     entry = _entry(cache_dir, records_dir, split, encoder, with_grid)
     count = records.read_manifest(records_dir)["splits"][split]["images"]
     clock = Stopwatch()
+    encoder = encoder.folded()  # same feature_key: folding changes speed, not features
 
     def encode(batch):
         grid = encoder(batch["image"])  # [B, h, w, C] float32

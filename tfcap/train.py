@@ -301,7 +301,6 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
         model_config = models.ModelConfig(encoder=encoder_config, decoder=decoder_config,
                                           text=text.TextConfig(**manifest["text"]), precision=precision,
                                           vocab_size=len(vocab), vocab_sha256=vocab.sha256)
-    keras.utils.set_random_seed(train_config.seed)  # decoder initialization
     with_grid = decoders.needs_grid(model_config.decoder)
     if train_config.train_encoder:  # features change every step: nothing to cache, images are decoded anew
         encoder.model.trainable = True
@@ -312,6 +311,8 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
             features.features_for(records_dir, split, encoder, with_grid, cache_dir=cache_dir,
                                   show_progress=show_progress) for split in ("train", "val"))
     grid_h, grid_w = encoder.grid_shape
+    # Seeded here, after the feature cache: whether it had to be built must not change the decoder's init.
+    keras.utils.set_random_seed(train_config.seed)
     decoder = models.build_decoder(model_config, encoder.feature_dim, grid_h * grid_w)
     captioner = models.Captioner(model_config, encoder, decoder, vocab)
     if not resume:
