@@ -15,8 +15,10 @@ import click
 import tfcap
 from tfcap.errors import TfcapError
 
-# encoder.PRECISIONS without "auto" (spelled out: importing tfcap.encoder imports TensorFlow).
+# encoder.PRECISIONS without "auto", and encoder.ARCHITECTURES (spelled out: importing tfcap.encoder
+# imports TensorFlow, too slow for --help; tests/test_cli.py keeps them equal).
 _PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+_ARCHITECTURES = ("xception", "mobilenet", "inception_v3", "vgg16", "convnet")
 
 
 
@@ -105,12 +107,13 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 @main.command("train")
 @click.argument("records_dir", metavar="RECORDS", type=PathArg)
 @click.option("-o", "--out", "run_dir", type=PathArg, required=True, help="Run directory (checkpoints, logs, model).")
-@click.option("--encoder", type=click.Choice(["xception", "mobilenet", "inception_v3", "vgg16", "convnet"]),
+@click.option("--encoder", type=click.Choice(_ARCHITECTURES),
               default="xception", show_default=True,
               help="ImageNet CNN, or convnet: a small CNN to train from scratch (--train-encoder, weights none).")
 @click.option("--encoder-weights", default="imagenet", show_default=True,
               help="imagenet (Keras cache, downloaded on first use), a weights file path, or none (random).")
-@click.option("--alpha", type=float, default=1.0, show_default=True, help="MobileNet width multiplier.")
+@click.option("--alpha", type=float, help="MobileNet width multiplier (default: the one a Keras MobileNet weights "
+              "file is named for, as in mobilenet_2_5_224_tf_no_top.h5 -> 0.25; else 1.0).")
 @click.option("--image-size", type=int, help="Encoder input side (default: the architecture's).")
 @click.option("--precision", type=click.Choice(["auto", *_PRECISIONS]),
               default="auto", show_default=True, help="auto: mixed_float16 on a GPU, float32 on a CPU.")
@@ -143,6 +146,8 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
 
     if resume and overwrite:
         raise TfcapError("--resume and --overwrite contradict each other")
+    if alpha is None:
+        alpha = (encoder == "mobilenet" and encoders.mobilenet_alpha_of(encoder_weights)) or 1.0
     train.train(
         records_dir, run_dir,
         encoder_config=encoders.EncoderConfig(name=encoder, weights=encoder_weights, image_size=image_size,
