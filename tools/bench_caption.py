@@ -7,8 +7,8 @@
 
 speed: on the first --images files of IMAGES (sorted), with the captioner of --model RUN_DIR, measures
 images/s of
-  (a) the encoder alone, batched through tf.data: caption-dir's own read, decode, resize, preprocess
-      and encoder (BatchNorm folded, as caption-dir runs it), nothing after;
+  (a) the encoder alone, batched through tf.data: caption-dir's own input pipeline (read, check,
+      decode, resize, preprocess) and encoder (BatchNorm folded), nothing after;
   (b) `tfcap caption-dir` end to end (walk, pipeline, encoder, beam search 3, CSV), library call;
   (c) the notebook way: PIL open + resize, one encoder `model.predict` per image (the stock Keras
       model), then one decoder `model.predict` per generated word (greedy), same decoder weights.
@@ -136,14 +136,11 @@ def speed(args) -> None:
               f"{captioner.config.vocab_size}, {len(files)} images; (a) and (b) in "
               f"{predictor.settings['encoder_precision']}, (c) in {captioner.encoder.precision}", flush=True)
 
-        def encoder_alone(paths) -> float:  # caption-dir's own preprocessing and encoder, nothing after
-            dataset = (tf.data.Dataset.from_tensor_slices([str(p) for p in paths])
-                       .map(lambda p: predictor.preprocess_bytes(tf.io.read_file(p)),
-                            num_parallel_calls=tf.data.AUTOTUNE)
-                       .batch(32).prefetch(tf.data.AUTOTUNE))
+        def encoder_alone(paths) -> float:  # caption-dir's own input pipeline and encoder, nothing after
             start = time.perf_counter()
-            for batch in dataset:
-                tf.nest.map_structure(lambda t: t.numpy(), predictor.encode(batch))
+            for _, pixels in caption.pixel_batches(Path("/"), [str(p) for p in paths], predictor.preprocess_bytes,
+                                                   caption.CaptionConfig()):
+                tf.nest.map_structure(lambda t: t.numpy(), predictor.encode(pixels))
             return len(paths) / (time.perf_counter() - start)
 
         caption_words = []  # mean words per caption-dir caption, per run
