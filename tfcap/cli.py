@@ -164,7 +164,7 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
 def _precision_option(f):
     return click.option("--precision", type=click.Choice(_PRECISIONS), default=None,
                         help="The encoder's precision (default: the run's). mixed_bfloat16 encodes Xception 1.3x "
-                             "to 1.7x faster on CPUs with AMX or AVX512-BF16; captions can differ in rare cases.")(f)
+                             "to 1.9x faster on CPUs with AMX or AVX512-BF16; captions can differ in rare cases.")(f)
 
 
 def _decoding_options(f):

@@ -146,7 +146,7 @@ def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision:
     """Rebuild the captioner from a run directory; TfcapError on a missing file or a vocab/config mismatch.
 
     encoder_precision overrides the run's dtype policy for the encoder only (the weights are float32
-    either way): "mixed_bfloat16" runs Xception 1.3x to 1.7x faster on CPUs with AMX or AVX512-BF16. The
+    either way): "mixed_bfloat16" runs Xception 1.3x to 1.9x faster on CPUs with AMX or AVX512-BF16. The
     decoder keeps the run's precision: its steps are small, so casts would cost more than they save.
     inference=True builds the encoder with BatchNorm folded into its convolutions (faster, cannot train;
     see encoder.fold_batch_norm): for captioning and export.
