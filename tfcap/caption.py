@@ -24,7 +24,7 @@ from typing import Iterator
 
 import tensorflow as tf
 
-from tfcap import images
+from tfcap import images, records
 from tfcap.errors import TfcapError
 from tfcap.outputs import refuse_existing
 from tfcap.progress import Stopwatch, progress_bar, summary
@@ -99,19 +99,13 @@ def pixel_batches(root: Path, paths: list[str], preprocess, config: CaptionConfi
             return index, preprocess(data)
 
     full = tf.constant([str(Path(root) / p) for p in paths] or [""], tf.string)
-    options = tf.data.Options()
-    # No autotuning: at the end of an autotuned pipeline, the iterator sometimes waited seconds for
-    # the autotuner's thread (caption-dir of 160 images: 20.5-20.9 s instead of 16 s in 4 of 10 runs
-    # on 2 cores; none in 10 runs without it). Without it, AUTOTUNE parallelism is one call per
-    # core, which is what decoding next to the encoder needs.
-    options.autotune.enabled = False
-    return (tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64), full))
+    return (records.without_autotuning(tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64),
+                                                                           full)))
             .take(len(paths))
             .map(load, num_parallel_calls=tf.data.AUTOTUNE)
             .ignore_errors()
             .batch(config.batch_size)
-            .prefetch(tf.data.AUTOTUNE)
-            .with_options(options))
+            .prefetch(tf.data.AUTOTUNE))
 
 
 def feature_batches(root: Path, paths: list[str], captioner, config: CaptionConfig) -> tf.data.Dataset:

@@ -93,7 +93,7 @@ def build_features(records_dir: Path, split: str, encoder, with_grid: bool, *, c
 
 def load_features(entry: Path) -> tf.data.Dataset:
     """The cached elements of one split (see the module docstring)."""
-    return tf.data.Dataset.load(str(entry))
+    return records.without_autotuning(tf.data.Dataset.load(str(entry)))
 
 
 def features_for(records_dir: Path, split: str, encoder, with_grid: bool, *, cache_dir: Path | None = None,
