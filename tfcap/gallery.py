@@ -18,6 +18,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from tfcap import records
 from tfcap.errors import TfcapError
 from tfcap.images import DEFAULT_MAX_PIXELS, decode_rgb, diagnose, header_shape
 from tfcap.outputs import refuse_existing, write_text_atomic
