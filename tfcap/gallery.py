@@ -151,8 +151,8 @@ def make_thumbnails(files: list[Path], size: int = 256, max_pixels: int = DEFAUL
     """
     if not files:
         return {}
-    ds = tf.data.Dataset.from_tensor_slices(
-        (tf.range(len(files), dtype=tf.int64), tf.constant([str(f) for f in files], tf.string)))
+    ds = records.without_autotuning(tf.data.Dataset.from_tensor_slices(
+        (tf.range(len(files), dtype=tf.int64), tf.constant([str(f) for f in files], tf.string))))
     ds = ds.map(lambda i, f: (i, *_thumbnail(tf.io.read_file(f), size, max_pixels)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     # ignore_errors drops a failing element instead of ending the whole dataset; the index
