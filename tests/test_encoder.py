@@ -26,7 +26,8 @@ needs_mobilenet_file = pytest.mark.skipif(not MOBILENET_FILE.is_file(), reason=f
 
 # (name, small size, grid at that size, channels)
 SMALL = [("xception", 71, (3, 3), 2048), ("inception_v3", 75, (1, 1), 2048),
-         ("mobilenet", 64, (2, 2), 1024), ("vgg16", 64, (2, 2), 512), ("convnet", 64, (4, 4), 256)]
+         ("mobilenet", 64, (2, 2), 1024), ("vgg16", 64, (2, 2), 512), ("convnet", 64, (4, 4), 256),
+         ("efficientnet_lite0", 64, (2, 2), 1280), ("efficientnet_lite2", 65, (3, 3), 1280)]  # 65: SAME pads 33, 17, 9, 5, 3
 KERAS_PREPROCESS = {"xception": keras.applications.xception.preprocess_input,
                     "inception_v3": keras.applications.inception_v3.preprocess_input,
                     "mobilenet": keras.applications.mobilenet.preprocess_input,
@@ -88,7 +89,8 @@ def test_architecture_shapes(name, size, grid, channels):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,size", [("xception", 71), ("inception_v3", 75), ("mobilenet", 64), ("convnet", 32)])
+@pytest.mark.parametrize("name,size", [("xception", 71), ("inception_v3", 75), ("mobilenet", 64), ("convnet", 32),
+                                       ("efficientnet_lite1", 64)])
 def test_inference_encoder_folds_batch_norm_and_keeps_features(name, size):
     config = EncoderConfig(name, weights="none", image_size=size, alpha=0.25 if name == "mobilenet" else 1.0)
     plain, folded = build_encoder(config), build_encoder(config, inference=True)

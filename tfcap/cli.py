@@ -18,7 +18,8 @@ from tfcap.errors import TfcapError
 # encoder.PRECISIONS without "auto", and encoder.ARCHITECTURES (spelled out: importing tfcap.encoder
 # imports TensorFlow, too slow for --help; tests/test_cli.py keeps them equal).
 _PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-_ARCHITECTURES = ("xception", "mobilenet", "inception_v3", "vgg16", "convnet")
+_ARCHITECTURES = ("xception", "mobilenet", "inception_v3", "vgg16", "efficientnet_lite0", "efficientnet_lite1",
+                  "efficientnet_lite2", "convnet")
 
 
 
@@ -109,7 +110,8 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 @click.option("-o", "--out", "run_dir", type=PathArg, required=True, help="Run directory (checkpoints, logs, model).")
 @click.option("--encoder", type=click.Choice(_ARCHITECTURES),
               default="xception", show_default=True,
-              help="ImageNet CNN, or convnet: a small CNN to train from scratch (--train-encoder, weights none).")
+              help="ImageNet CNN (efficientnet_lite0/1/2: the best features per CPU cycle), or convnet: a small "
+              "CNN to train from scratch (--train-encoder, weights none).")
 @click.option("--encoder-weights", default="imagenet", show_default=True,
               help="imagenet (Keras cache, downloaded on first use), a weights file path, or none (random).")
 @click.option("--alpha", type=float, help="MobileNet width multiplier (default: the one a Keras MobileNet weights "

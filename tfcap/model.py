@@ -8,7 +8,6 @@ original weights file; with `--train-encoder`, its best trained weights) and `be
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -52,20 +51,9 @@ class ModelConfig:
                    vocab_sha256=d["vocab_sha256"])
 
 
-@contextlib.contextmanager
-def dtype_policy(name: str):
-    """Build layers under a Keras dtype policy, restoring the previous one after."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(name)
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
 def build_decoder(config: ModelConfig, feature_dim: int, grid_locations: int) -> keras.Model:
     """The decoder with its variables created (one dummy call), under the run's precision."""
-    with dtype_policy(config.precision):
+    with encoders.dtype_policy(config.precision):
         model = decoders.build_decoder(config.vocab_size, config.decoder)
     dummy = {"pooled": tf.zeros([1, feature_dim]), "grid": tf.zeros([1, grid_locations, feature_dim])}
     model(dummy, tf.zeros([1, 2], tf.int32))
