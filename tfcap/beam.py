@@ -188,6 +188,53 @@ def greedy_search(
     return _finish(seq, sums, lengths, end_first, end_id)
 
 
+def sample_search(
+    step_fn: StepFn,
+    initial_state: Any,
+    context: Any,
+    *,
+    max_length: int,
+    seed: tf.Tensor,
+    start_id: int = START_ID,
+    end_id: int = END_ID,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """One caption per row drawn word by word from the model's distribution (self-critical training).
+
+    The same tokens are forbidden as in `greedy_search`, so samples look like what beam search can
+    produce. Stateless: the same seed gives the same samples (an exactly resumable run).
+
+    Args:
+      step_fn, initial_state, context: as `greedy_search`, N = B rows (tile them for several samples).
+      max_length: maximum caption length in tokens, `<end>` included; static.
+      seed: tf.int64 [2], the stateless random seed.
+    Returns:
+      tokens tf.int32 [B, max_length] (`<end>` included when drawn, then `<pad>`), lengths tf.int32 [B]
+      (tokens drawn, `<end>` included).
+    """
+    _check(beam_size=1, max_length=max_length, length_penalty=0.0)
+    batch = _batch_size(initial_state, context)
+    positions = tf.range(max_length)
+    seed = tf.cast(seed, tf.int64)
+
+    def cond(t, tokens, state, seq, lengths, done):
+        return (t < max_length) & ~tf.reduce_all(done)
+
+    def body(t, tokens, state, seq, lengths, done):
+        log_probs, state = step_fn(tokens, state, context)
+        log_probs = _forbid(tf.cast(log_probs, tf.float32), t, start_id, end_id)
+        step_seed = seed + tf.stack([tf.constant(0, tf.int64), tf.cast(t + 1, tf.int64) * 7919])
+        token = tf.cast(tf.random.stateless_categorical(log_probs, 1, seed=step_seed)[:, 0], tf.int32)
+        live = ~done
+        seq = tf.where(live[:, None] & (positions == t), token[:, None], seq)
+        lengths = tf.where(live, t + 1, lengths)
+        return t + 1, token, state, seq, lengths, done | (token == end_id)
+
+    loop_vars = (tf.constant(0), tf.fill([batch], start_id), initial_state, tf.fill([batch, max_length], PAD_ID),
+                 tf.zeros([batch], tf.int32), tf.zeros([batch], tf.bool))
+    *_, seq, lengths, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=max_length)
+    return seq, lengths
+
+
 def _check(*, beam_size: int, max_length: int, length_penalty: float) -> None:
     if not isinstance(beam_size, int) or beam_size < 1:
         raise TfcapError(f"beam size must be a positive integer, got {beam_size!r}")

@@ -125,16 +125,26 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 @click.option("--dropout", type=float, default=0.5, show_default=True)
 @click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--learning-rate", type=float, default=1e-3, show_default=True)
+@click.option("--learning-rate", type=float, help="Peak learning rate (default: 1e-3; 5e-5 with --objective scst).")
 @click.option("--lr-schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True)
 @click.option("--clip-norm", type=float, default=5.0, show_default=True)
 @click.option("--captions-per-image", type=click.Choice(["one", "all"]), default="all", show_default=True,
               help="Per image per epoch: one random caption, or all of them.")
-@click.option("--eval-every", type=int, default=1, show_default=True, help="Epochs between val BLEU-4 (0: never).")
-@click.option("--eval-images", type=int, default=0, help="Val images decoded for BLEU-4 (0: all).")
+@click.option("--eval-every", type=int, default=1, show_default=True,
+              help="Epochs between val BLEU-4 and CIDEr-D (0: never).")
+@click.option("--eval-images", type=int, default=0, help="Val images decoded for BLEU-4 and CIDEr-D (0: all).")
 @click.option("--patience", type=int, default=3, show_default=True, help="Evaluations without gain before stopping.")
 @click.option("--train-encoder", is_flag=True,
               help="Train the CNN with the decoder (no feature cache; --batch-size then counts images).")
+@click.option("--objective", type=click.Choice(["xe", "scst"]), default="xe", show_default=True,
+              help="xe: cross-entropy on the references; scst: self-critical training (CIDEr-D reward of sampled "
+              "captions), starting from the run given by --init, whose model it keeps.")
+@click.option("--init", "init_run", type=PathArg, help="With --objective scst: the cross-entropy run to start from.")
+@click.option("--samples", type=int, default=5, show_default=True, help="scst: captions sampled per image.")
+@click.option("--baseline", type=click.Choice(["mean", "greedy"]), default="mean", show_default=True,
+              help="scst: reward baseline, the mean of the image's other samples or its greedy caption's reward.")
+@click.option("--select", type=click.Choice(["bleu4", "cider"]),
+              help="Validation metric that picks the best weights and stops early (default: bleu4; cider with scst).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache-dir", type=PathArg, help="Feature cache (default: RECORDS.cache beside the records).")
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR from its last checkpoint, with its saved config.")
@@ -142,7 +152,8 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_size, precision, decoder_kind, units,
                   embed_dim, dropout, epochs, batch_size, learning_rate, lr_schedule, clip_norm, captions_per_image,
-                  eval_every, eval_images, patience, train_encoder, seed, cache_dir, resume, overwrite, quiet):
+                  eval_every, eval_images, patience, train_encoder, objective, init_run, samples, baseline, select,
+                  seed, cache_dir, resume, overwrite, quiet):
     """Train a captioner on RECORDS (from build-records) into RUN_DIR."""
     from tfcap import decoder, encoder as encoders, train
 
@@ -155,11 +166,14 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
         encoder_config=encoders.EncoderConfig(name=encoder, weights=encoder_weights, image_size=image_size,
                                               alpha=alpha),
         decoder_config=decoder.DecoderConfig(kind=decoder_kind, units=units, embed_dim=embed_dim, dropout=dropout),
-        train_config=train.TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+        train_config=train.TrainConfig(epochs=epochs, batch_size=batch_size,
+                                       learning_rate=learning_rate or (5e-5 if objective == "scst" else 1e-3),
                                        lr_schedule=lr_schedule, clip_norm=clip_norm,
                                        captions_per_image=captions_per_image, eval_every=eval_every,
                                        eval_images=eval_images, patience=patience, seed=seed, precision=precision,
-                                       train_encoder=train_encoder),
+                                       train_encoder=train_encoder, objective=objective,
+                                       init=str(init_run) if init_run else "", samples=samples, baseline=baseline,
+                                       select=select or ("cider" if objective == "scst" else "bleu4")),
         cache_dir=cache_dir, resume=resume, overwrite=overwrite, show_progress=not quiet)
 
 

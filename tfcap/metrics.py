@@ -328,6 +328,130 @@ def score_cider_d(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapp
     return float(np.mean(scores)), scores
 
 
+class TokenCiderD:
+    """CIDEr-D of token-id captions, vectorized in NumPy over a whole batch: the reward of self-critical
+    training. The same formula as `score_cider_d` (clipped tf-idf cosine per n = 1..4, Gaussian length
+    penalty on the bigram count, mean over n and over references, times 10), but document frequencies
+    come from a fixed corpus (the training references, counted once) rather than from the scored images.
+
+    An n-gram of word ids w_0..w_{k-1} (each in 1..V-1) is the integer sum_j w_j * V**j: its digits
+    are never 0, so every order and sequence has its own integer. Captions carry no `<start>`/`<end>`.
+    """
+
+    def __init__(self, corpus: Sequence[Sequence[Sequence[int]]], vocab_size: int, n: int = 4, sigma: float = 6.0):
+        """corpus: per image, its reference captions as sequences of word ids."""
+        if float(vocab_size) ** n >= 2.0 ** 63:
+            raise TfcapError(f"vocabulary of {vocab_size} words is too large for {n}-gram ids in int64")
+        self.base, self.n, self.penalty_scale = int(vocab_size), n, 2 * sigma ** 2
+        keys = []
+        for refs in corpus:
+            tokens, lengths = self._pad(refs)
+            ids, _, _ = self._ngrams(tokens, lengths)
+            keys.append(np.unique(ids))  # an n-gram counts once per image, however many references hold it
+        self.df_ids, self.df_counts = np.unique(np.concatenate(keys) if keys else np.zeros(0, np.int64),
+                                                return_counts=True)
+        self.log_images = float(np.log(float(len(corpus))))
+
+    @staticmethod
+    def _pad(captions: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        lengths = np.array([len(c) for c in captions], np.int64)
+        tokens = np.zeros((len(captions), max(lengths.max(initial=0), 1)), np.int64)
+        for i, c in enumerate(captions):
+            tokens[i, :len(c)] = c
+        return tokens, lengths
+
+    def _ngrams(self, tokens: np.ndarray, lengths: np.ndarray):
+        """All 1..n-grams of captions int [M, T] (valid up to lengths [M]) -> (ids, caption row, order index k)."""
+        ids, rows, orders = [], [], []
+        m, t = tokens.shape
+        value = np.zeros((m, t), np.int64)
+        scale = 1
+        for k in range(self.n):
+            if k >= t:
+                break
+            value = value[:, :t - k] + tokens[:, k:] * scale  # n-grams of order k + 1 starting at each position
+            scale *= self.base
+            valid = np.arange(t - k)[None, :] + k < lengths[:, None]
+            r, _ = np.nonzero(valid)
+            ids.append(value[valid])
+            rows.append(r)
+            orders.append(np.full(r.shape, k))
+        return np.concatenate(ids), np.concatenate(rows), np.concatenate(orders)
+
+    def _vectors(self, tokens: np.ndarray, lengths: np.ndarray):
+        """tf-idf entries of captions [M, T]: (n-gram ids, caption rows, orders, weights) [E], norms [M, n]."""
+        ids, rows, orders = self._ngrams(tokens, lengths)
+        m = len(lengths)
+        # One entry per (caption, n-gram) with its term frequency.
+        order = np.lexsort((ids, rows))
+        ids, rows, orders = ids[order], rows[order], orders[order]
+        first = np.ones(len(ids), bool)
+        first[1:] = (ids[1:] != ids[:-1]) | (rows[1:] != rows[:-1])
+        starts = np.flatnonzero(first)
+        counts = np.diff(np.append(starts, len(ids))).astype(np.float64)
+        ids, rows, orders = ids[starts], rows[starts], orders[starts]
+        at = np.searchsorted(self.df_ids, ids)
+        found = (at < len(self.df_ids)) & (self.df_ids[np.minimum(at, len(self.df_ids) - 1)] == ids)
+        df = np.where(found, self.df_counts[np.minimum(at, len(self.df_ids) - 1)], 0)
+        weights = counts * (self.log_images - np.log(np.maximum(1.0, df)))
+        norms = np.sqrt(np.bincount(rows * self.n + orders, weights=weights ** 2, minlength=m * self.n)).reshape(m, self.n)
+        return ids, rows, orders, weights, norms
+
+    def __call__(self, hypotheses: np.ndarray, hypothesis_lengths: np.ndarray, owners: np.ndarray,
+                 references: np.ndarray, reference_lengths: np.ndarray, reference_owners: np.ndarray) -> np.ndarray:
+        """CIDEr-D of each hypothesis against the references of its image.
+
+        Args:
+          hypotheses: int [M, T] word ids (no `<start>`/`<end>`; anything past hypothesis_lengths [M] ignored).
+          owners: int [M], the image of each hypothesis (any ids, matched against reference_owners).
+          references: int [R, T'], reference_lengths [R], reference_owners int [R]: every image in
+            `owners` needs at least one reference.
+        Returns:
+          float64 [M].
+        """
+        hypotheses, references = np.asarray(hypotheses, np.int64), np.asarray(references, np.int64)
+        hypothesis_lengths, reference_lengths = np.asarray(hypothesis_lengths), np.asarray(reference_lengths)
+        images, owners_at = np.unique(np.concatenate([reference_owners, owners]), return_inverse=True)
+        ref_image, hyp_image = owners_at[:len(reference_owners)], owners_at[len(reference_owners):]
+        # Reference slot: the index of each reference among its image's references.
+        order = np.argsort(ref_image, kind="stable")
+        slot = np.empty(len(ref_image), np.int64)
+        starts = np.searchsorted(ref_image[order], ref_image[order])
+        slot[order] = np.arange(len(ref_image)) - starts
+        slots = int(slot.max(initial=0)) + 1
+        refs_per_image = np.bincount(ref_image, minlength=len(images))
+        if (refs_per_image[hyp_image] == 0).any():
+            raise TfcapError("a hypothesis has no references")
+
+        r_ids, r_rows, r_orders, r_weights, r_norms = self._vectors(references, reference_lengths)
+        # Reference weights by (image, n-gram), one column per reference slot.
+        r_keys = ref_image[r_rows] * (int(self.base) ** self.n) + r_ids
+        keys, key_at = np.unique(r_keys, return_inverse=True)
+        table = np.zeros((len(keys), slots))
+        table[key_at, slot[r_rows]] = r_weights
+        norm_by_slot = np.zeros((len(images), slots, self.n))
+        norm_by_slot[ref_image, slot] = r_norms
+        bigrams = lambda lengths: np.maximum(lengths - 1, 0)  # coco's "length" counts bigrams
+        length_by_slot = np.zeros((len(images), slots))
+        length_by_slot[ref_image, slot] = bigrams(reference_lengths)
+        present = np.zeros((len(images), slots), bool)
+        present[ref_image, slot] = True
+
+        h_ids, h_rows, h_orders, h_weights, h_norms = self._vectors(hypotheses, hypothesis_lengths)
+        h_keys = hyp_image[h_rows] * (int(self.base) ** self.n) + h_ids
+        at = np.minimum(np.searchsorted(keys, h_keys), max(len(keys) - 1, 0))
+        matched = (keys[at] == h_keys) if len(keys) else np.zeros(len(h_keys), bool)
+        ref_weights = np.where(matched[:, None], table[at], 0.0)  # [E, slots]
+        values = np.zeros((len(hypotheses), self.n, slots))
+        np.add.at(values, (h_rows, h_orders), np.minimum(h_weights[:, None], ref_weights) * ref_weights)
+        denominator = h_norms[:, :, None] * norm_by_slot[hyp_image].transpose(0, 2, 1)  # [M, n, slots]
+        values = np.where(denominator != 0, values / np.where(denominator != 0, denominator, 1.0), values)
+        delta = bigrams(hypothesis_lengths)[:, None] - length_by_slot[hyp_image]
+        penalty = np.e ** (-(delta ** 2) / self.penalty_scale) * present[hyp_image]
+        per_reference = values.mean(axis=1) * penalty  # [M, slots]
+        return per_reference.sum(axis=1) / refs_per_image[hyp_image] * 10.0
+
+
 # ---------------------------------------------------------------------------------------------
 # METEOR: only through pycocoevalcap's Java jar.
 

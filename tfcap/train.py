@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcap import decoder as decoders, encoder as encoders, features, inputs, metrics, model as models, records, text
+from tfcap import decoder as decoders, encoder as encoders, features, inputs, metrics, model as models, records, scst, text
 from tfcap.errors import TfcapError
 from tfcap.progress import Stopwatch, summary
 
@@ -57,6 +57,11 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
     train_encoder: bool = False  # train the CNN too; then batch_size counts images, each with all its captions
+    objective: str = "xe"  # xe: cross-entropy (teacher forcing) | scst: self-critical, CIDEr-D reward (tfcap.scst)
+    init: str = ""  # scst: the run directory whose model and best weights it starts from
+    samples: int = 5  # scst: captions sampled per image (batch_size counts images)
+    baseline: str = "mean"  # scst: mean (of the image's other samples) | greedy (the greedy caption's reward)
+    select: str = "bleu4"  # validation metric that picks the best weights and stops early: bleu4 | cider
 
     def __post_init__(self):
         if self.captions_per_image not in ("one", "all"):
@@ -65,6 +70,19 @@ class TrainConfig:
             raise TfcapError("--lr-schedule must be cosine or constant")
         if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
             raise TfcapError("--epochs, --batch-size and --learning-rate must be positive")
+        if self.objective not in ("xe", "scst"):
+            raise TfcapError("--objective must be xe or scst")
+        if self.select not in ("bleu4", "cider"):
+            raise TfcapError("--select must be bleu4 or cider")
+        if self.objective == "scst":
+            if not self.init:
+                raise TfcapError("--objective scst needs --init RUN_DIR: a run trained with cross-entropy to start from")
+            if self.train_encoder:
+                raise TfcapError("--objective scst trains the decoder only: drop --train-encoder")
+            if self.baseline not in scst.BASELINES:
+                raise TfcapError(f"--baseline must be one of {', '.join(scst.BASELINES)}")
+            if self.samples < (2 if self.baseline == "mean" else 1):
+                raise TfcapError("--samples must be at least 2 with --baseline mean (1 with greedy)")
 
 
 def masked_cross_entropy(targets: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -91,7 +109,7 @@ def _schedule(config: TrainConfig, total_steps: int):
 
 
 def _steps_per_epoch(manifest: dict, split: str, config: TrainConfig) -> int:
-    by_image = config.captions_per_image == "one" or config.train_encoder
+    by_image = config.captions_per_image == "one" or config.train_encoder or config.objective == "scst"
     n = manifest["splits"][split]["images" if by_image else "captions"]
     return max(1, math.ceil(n / config.batch_size))
 
@@ -99,7 +117,8 @@ def _steps_per_epoch(manifest: dict, split: str, config: TrainConfig) -> int:
 class _Trainer:
     """State and compiled steps of one run; `fit` is the epoch loop."""
 
-    def __init__(self, captioner: models.Captioner, train_config: TrainConfig, total_steps: int, run_dir: Path):
+    def __init__(self, captioner: models.Captioner, train_config: TrainConfig, total_steps: int, run_dir: Path,
+                 reward: metrics.TokenCiderD | None = None):
         self.captioner, self.config, self.run_dir = captioner, train_config, run_dir
         self.decoder, self.encoder = captioner.decoder, captioner.encoder
         self.train_encoder = train_config.train_encoder
@@ -123,6 +142,10 @@ class _Trainer:
                                               best_score=self.best_score, bad_evals=self.bad_evals)
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(run_dir / CHECKPOINTS), max_to_keep=2)
         self.train_step = tf.function(self._train_step, reduce_retracing=True)
+        self.self_critical = None
+        if train_config.objective == "scst":
+            self.self_critical = scst.SelfCritical(self, reward, train_config.samples, train_config.baseline)
+            self.train_step = self.self_critical.step
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
         self.decode_step = tf.function(
             lambda feats: captioner.generate(self._features(feats), beam_size=1)[0], reduce_retracing=True)
@@ -155,7 +178,7 @@ class _Trainer:
 
     def batches(self, data: tf.data.Dataset, *, shuffle: bool, epoch: int = 0, captions_per_image: str = "all"):
         """Training or validation batches: (features, inputs, targets[, owners]), see `tfcap.inputs`."""
-        if self.train_encoder and captions_per_image == "all":
+        if (self.train_encoder or self.self_critical) and captions_per_image == "all":
             return inputs.image_caption_batches(data, batch_size=self.config.batch_size, feature_keys=self.keys,
                                                 shuffle=shuffle, seed=self.config.seed, epoch=epoch)
         return inputs.caption_batches(data, batch_size=self.config.batch_size, feature_keys=self.keys,
@@ -184,8 +207,9 @@ class _Trainer:
             total, count = total + float(loss_sum), count + float(tokens)
         return total / max(count, 1.0)
 
-    def bleu4(self, val_features) -> float:
-        """Corpus BLEU-4 of greedy captions of the validation images (coco-caption's definition)."""
+    def val_scores(self, val_features) -> dict[str, float]:
+        """Corpus BLEU-4 and CIDEr-D of greedy captions of the validation images (coco-caption's definitions):
+        {"val_bleu4", "val_cider"}."""
         data = val_features.take(self.config.eval_images) if self.config.eval_images else val_features
         references, hypotheses = {}, {}
         for feats, captions, image_ids in inputs.image_feature_batches(data, batch_size=128, feature_keys=self.keys):
@@ -193,9 +217,10 @@ class _Trainer:
             for image_id, hypothesis, refs in zip(image_ids.numpy(), decoded, captions.to_list()):
                 references[image_id] = [r.decode("utf-8") for r in refs]
                 hypotheses[image_id] = hypothesis.decode("utf-8")
-        return metrics.score_bleu(
-            {k: [metrics.ptb_tokenize(r) for r in v] for k, v in references.items()},
-            {k: metrics.ptb_tokenize(v) for k, v in hypotheses.items()})[0][3]
+        references = {k: [metrics.ptb_tokenize(r) for r in v] for k, v in references.items()}
+        hypotheses = {k: metrics.ptb_tokenize(v) for k, v in hypotheses.items()}
+        return {"val_bleu4": metrics.score_bleu(references, hypotheses)[0][3],
+                "val_cider": metrics.score_cider_d(references, hypotheses)[0]}
 
     def fit(self, train_features, val_features, steps_per_epoch: int, show_progress: bool) -> dict:
         writer = tf.summary.create_file_writer(str(self.run_dir / LOGS))
@@ -205,6 +230,8 @@ class _Trainer:
             batches = self.batches(train_features, shuffle=True, epoch=epoch,
                                    captions_per_image=self.config.captions_per_image).skip(skip)
             epoch_clock, loss_sum, token_sum, seen = Stopwatch(), 0.0, 0.0, 0
+            if self.self_critical:
+                self.self_critical.reset()
             first_loss = None
             label = f"epoch {epoch + 1}/{self.config.epochs}"
             bar = click.progressbar(length=steps_per_epoch, label=label, file=sys.stderr, show_pos=True,
@@ -219,7 +246,9 @@ class _Trainer:
                     loss, tokens = float(loss), float(tokens)
                     first_loss = loss if first_loss is None else first_loss
                     loss_sum, token_sum, seen = loss_sum + loss * tokens, token_sum + tokens, seen + 1
-                    if bar:
+                    if bar and self.self_critical:
+                        bar.update(1, f"reward {self.self_critical.stats()['reward']:.3f}")
+                    elif bar:
                         bar.update(1, f"loss {loss:.3f} {token_sum / epoch_clock.seconds:,.0f} tok/s")
             except KeyboardInterrupt:
                 path = self.manager.save(checkpoint_number=int(self.global_step))
@@ -233,11 +262,13 @@ class _Trainer:
             record = {"epoch": epoch + 1, "loss": loss_sum / max(token_sum, 1.0), "first_batch_loss": first_loss,
                       "val_loss": self.validation_loss(val_features), "learning_rate": self.learning_rate(),
                       "tokens_per_s": token_sum / max(seconds, 1e-9), "epoch_seconds": seconds, "steps": seen}
+            if self.self_critical:  # "loss" is the policy-gradient surrogate; tokens_per_s counts samples
+                record.update({"samples_per_s": record.pop("tokens_per_s"), **self.self_critical.stats()})
             improved = False
             if self.config.eval_every and (epoch + 1) % self.config.eval_every == 0:
-                record["val_bleu4"] = self.bleu4(val_features)
-                improved = record["val_bleu4"] > float(self.best_score)
-                score = record["val_bleu4"]
+                record.update(self.val_scores(val_features))
+                score = record[f"val_{self.config.select}"]
+                improved = score > float(self.best_score)
             elif not self.config.eval_every:
                 improved = -record["val_loss"] > float(self.best_score)  # no BLEU: best by validation loss
                 score = -record["val_loss"]
@@ -245,28 +276,53 @@ class _Trainer:
                 self.best_score.assign(score)
                 self.bad_evals.assign(0)
                 self.save_best()
-            elif "val_bleu4" in record:
+            elif f"val_{self.config.select}" in record:
                 self.bad_evals.assign_add(1)
             record["best"] = improved
             with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             with writer.as_default(step=epoch + 1):
-                for key in ("loss", "val_loss", "val_bleu4", "learning_rate", "tokens_per_s"):
+                for key in ("loss", "val_loss", "val_bleu4", "val_cider", "learning_rate", "tokens_per_s",
+                            "samples_per_s", "reward", "greedy_cider"):
                     if key in record:
                         tf.summary.scalar(key, record[key])
+            rate = (f"{record['samples_per_s']:,.0f} samples/s" if self.self_critical
+                    else f"{record['tokens_per_s']:,.0f} tokens/s")
             click.echo(f"epoch {epoch + 1}: loss {record['loss']:.4f}, val loss {record['val_loss']:.4f}"
-                       + (f", val BLEU-4 {record['val_bleu4']:.4f}" if "val_bleu4" in record else "")
-                       + f", {record['tokens_per_s']:,.0f} tokens/s, {seconds:.1f} s" + (" (best)" if improved else ""),
-                       err=True)
+                       + (f", reward {record['reward']:.4f}, greedy CIDEr-D {record['greedy_cider']:.4f}"
+                          if self.self_critical else "")
+                       + (f", val BLEU-4 {record['val_bleu4']:.4f}, val CIDEr-D {record['val_cider']:.4f}"
+                          if "val_bleu4" in record else "")
+                       + f", {rate}, {seconds:.1f} s" + (" (best)" if improved else ""), err=True)
             self.epoch.assign_add(1)
             self.step_in_epoch.assign(0)
             self.manager.save(checkpoint_number=int(self.global_step))
             last = record
             if self.config.patience and int(self.bad_evals) >= self.config.patience:
-                click.echo(f"early stop: no BLEU-4 improvement in {self.config.patience} evaluations", err=True)
+                click.echo(f"early stop: no {'BLEU-4' if self.config.select == 'bleu4' else 'CIDEr-D'} improvement "
+                           f"in {self.config.patience} evaluations", err=True)
                 break
         writer.close()
         return {"epochs": int(self.epoch), "seconds": clock.seconds, "best_score": float(self.best_score), **last}
+
+
+def _init_model(init_dir: Path, vocab: text.Vocabulary, records_dir: Path):
+    """(ModelConfig, EncoderConfig) of the run that self-critical training starts from.
+
+    The encoder is built from the weights the init run was built from, not its copy in
+    encoder.weights.h5, so that the feature cache is shared; unless the init run trained its encoder.
+    """
+    saved = models.read_run_config(init_dir)
+    model_config = models.ModelConfig.from_dict(saved["model"])
+    if model_config.vocab_sha256 != vocab.sha256:
+        raise TfcapError(f"{records_dir} has a different vocabulary from the one {init_dir} was trained on "
+                         f"({vocab.sha256[:12]} vs {model_config.vocab_sha256[:12]})")
+    if not (init_dir / models.DECODER_WEIGHTS).is_file():
+        raise TfcapError(f"{init_dir} has no {models.DECODER_WEIGHTS} to start from")
+    encoder_config = model_config.encoder
+    if saved.get("train", {}).get("train_encoder"):
+        encoder_config = dataclasses.replace(encoder_config, weights=str(init_dir / models.ENCODER_WEIGHTS))
+    return model_config, encoder_config
 
 
 def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderConfig = encoders.EncoderConfig(),
@@ -296,11 +352,16 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
             if not overwrite:
                 raise TfcapError(f"{run_dir} already exists; pass --resume to continue it or --overwrite to replace it")
             shutil.rmtree(run_dir)
-        precision = encoders.resolve_precision(train_config.precision)
-        encoder = encoders.build_encoder(encoder_config, precision)
-        model_config = models.ModelConfig(encoder=encoder_config, decoder=decoder_config,
-                                          text=text.TextConfig(**manifest["text"]), precision=precision,
-                                          vocab_size=len(vocab), vocab_sha256=vocab.sha256)
+        if train_config.objective == "scst":  # the model is the init run's: encoder, decoder, precision
+            model_config, encoder_config = _init_model(Path(train_config.init), vocab, records_dir)
+            train_config = dataclasses.replace(train_config, init=str(Path(train_config.init).resolve()))
+            encoder = encoders.build_encoder(encoder_config, model_config.precision)
+        else:
+            precision = encoders.resolve_precision(train_config.precision)
+            encoder = encoders.build_encoder(encoder_config, precision)
+            model_config = models.ModelConfig(encoder=encoder_config, decoder=decoder_config,
+                                              text=text.TextConfig(**manifest["text"]), precision=precision,
+                                              vocab_size=len(vocab), vocab_sha256=vocab.sha256)
     with_grid = decoders.needs_grid(model_config.decoder)
     if train_config.train_encoder:  # features change every step: nothing to cache, images are decoded anew
         encoder.model.trainable = True
@@ -314,6 +375,11 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
     # Seeded here, after the feature cache: whether it had to be built must not change the decoder's init.
     keras.utils.set_random_seed(train_config.seed)
     decoder = models.build_decoder(model_config, encoder.feature_dim, grid_h * grid_w)
+    reward = None
+    if train_config.objective == "scst":
+        if not resume:
+            decoder.load_weights(str(Path(train_config.init) / models.DECODER_WEIGHTS))
+        reward = metrics.TokenCiderD(scst.training_references(records_dir), len(vocab))
     captioner = models.Captioner(model_config, encoder, decoder, vocab)
     if not resume:
         models.write_run_files(run_dir, model_config, vocab, encoder, {
@@ -321,7 +387,7 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
             "records": {"path": str(records_dir.resolve()), "vocab_sha256": manifest["vocab_sha256"],
                         "train_images": manifest["splits"]["train"]["images"]}})
     steps_per_epoch = _steps_per_epoch(manifest, "train", train_config)
-    trainer = _Trainer(captioner, train_config, steps_per_epoch * train_config.epochs, run_dir)
+    trainer = _Trainer(captioner, train_config, steps_per_epoch * train_config.epochs, run_dir, reward)
     if resume:
         latest = trainer.manager.latest_checkpoint
         if latest is None:
@@ -332,8 +398,10 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
     result = trainer.fit(train_features, val_features, steps_per_epoch, show_progress)
     if not (run_dir / models.DECODER_WEIGHTS).exists():
         trainer.save_best()
+    best = "BLEU-4" if train_config.select == "bleu4" else "CIDEr-D"
     summary(f"train: {result['epochs']} epochs in {result['seconds']:.1f} s"
             + (f", last {result.get('tokens_per_s', 0):,.0f} tokens/s" if "tokens_per_s" in result else "")
-            + (f", best val BLEU-4 {result['best_score']:.4f}" if train_config.eval_every else "")
+            + (f", last {result.get('samples_per_s', 0):,.0f} samples/s" if "samples_per_s" in result else "")
+            + (f", best val {best} {result['best_score']:.4f}" if train_config.eval_every else "")
             + f" -> {run_dir}")
     return result

@@ -1,0 +1,114 @@
+"""Self-critical sequence training (Rennie et al., CVPR 2017): REINFORCE with CIDEr-D as the reward.
+
+After cross-entropy training, the decoder is fine-tuned on its own captions: for each image it
+samples K captions, each is rewarded with its CIDEr-D against the image's references (document
+frequencies from the training references, `metrics.TokenCiderD`), and the log-probability of each
+sample is raised in proportion to its advantage, reward minus a baseline:
+
+  - "mean": the mean reward of the image's other K-1 samples (Luo, "A Better Variant of
+    Self-Critical Sequence Training", 2020): no extra decoding, and an unbiased baseline;
+  - "greedy": the reward of the image's greedy caption (Rennie et al.): the model competes with
+    what it would say at test time.
+
+One step is two graphs and NumPy in between: sampling (and greedy decoding, logged either way) in
+one `tf.function`, the batch's rewards vectorized in NumPy, then the policy gradient in another
+`tf.function` that teacher-forces the samples through the decoder. Dropout is off throughout, so
+the probabilities that are raised are the ones that were sampled from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from tfcap import beam, metrics, records, text
+
+BASELINES = ("mean", "greedy")
+
+
+def training_references(records_dir, split: str = "train") -> list[list[list[int]]]:
+    """Word ids of every reference caption of a split, per image: the corpus of the reward's document frequencies."""
+    corpus = []
+    for ids in records.load_split(records_dir, split).map(lambda e: e["caption_ids"]).ragged_batch(1024):
+        corpus.extend(ids.to_list())
+    return corpus
+
+
+def caption_words(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Words per caption from decoded tokens int [N, T] and lengths [N] (`<end>` counted when drawn)."""
+    ended = tokens[np.arange(len(lengths)), np.maximum(lengths - 1, 0)] == text.END_ID
+    return lengths - ended
+
+
+class SelfCritical:
+    """The SCST step of a trainer: `step(features, inputs, targets, owners)` -> (loss, samples)."""
+
+    def __init__(self, trainer, reward: metrics.TokenCiderD, samples: int, baseline: str):
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}")
+        self.trainer, self.reward, self.samples, self.baseline = trainer, reward, samples, baseline
+        self.max_tokens = trainer.captioner.config.max_caption_tokens
+        self.sample = tf.function(self._sample, reduce_retracing=True)
+        self.gradient = tf.function(self._gradient, reduce_retracing=True)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start the running means of an epoch."""
+        self.sums = {"reward": 0.0, "greedy_cider": 0.0, "advantage_abs": 0.0}
+        self.counts = {"reward": 0, "greedy_cider": 0, "advantage_abs": 0}
+
+    def stats(self) -> dict[str, float]:
+        """The epoch's means: sample CIDEr-D (the reward), greedy CIDEr-D, mean |advantage|."""
+        return {key: self.sums[key] / max(self.counts[key], 1) for key in self.sums}
+
+    def _sample(self, feats, seed):
+        """features of B images -> samples int32 [B*K, T] and lengths [B*K], greedy [B, T] and lengths [B]."""
+        decoder = self.trainer.decoder
+        state, context = decoder.initial_state(feats)
+        tile = lambda x: tf.repeat(x, self.samples, axis=0)  # rows b*K .. b*K + K-1 belong to image b
+        sampled, lengths = beam.sample_search(decoder.step, tf.nest.map_structure(tile, state),
+                                              tf.nest.map_structure(tile, context), max_length=self.max_tokens,
+                                              seed=seed)
+        greedy, _, greedy_lengths = beam.greedy_search(decoder.step, state, context, max_length=self.max_tokens)
+        return sampled, lengths, greedy, greedy_lengths
+
+    def _gradient(self, feats, sampled, lengths, advantages):
+        """Policy gradient: loss = -sum(advantage * log p(token) over sampled tokens) / tokens."""
+        trainer = self.trainer
+        tiled = {k: tf.repeat(v, self.samples, axis=0) for k, v in feats.items()}
+        inputs = tf.concat([tf.fill([tf.shape(sampled)[0], 1], text.START_ID), sampled[:, :-1]], axis=1)
+        mask = tf.cast(tf.range(tf.shape(sampled)[1])[None, :] < lengths[:, None], tf.float32)
+        with tf.GradientTape() as tape:
+            logits, _ = trainer.decoder(tiled, inputs)
+            log_probs = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=sampled,
+                                                                        logits=tf.cast(logits, tf.float32))
+            loss = -tf.reduce_sum(advantages[:, None] * log_probs * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+            scaled = trainer.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled, trainer.variables)
+        trainer.optimizer.apply(gradients, trainer.variables)
+        trainer.global_step.assign_add(1)
+        return loss
+
+    def step(self, feats, inputs_, targets, owners):
+        """One SCST step on a batch of B images with all their references (`inputs.image_caption_batches`)."""
+        del inputs_
+        seed = tf.stack([tf.constant(self.trainer.config.seed, tf.int64), self.trainer.global_step])
+        sampled, lengths, greedy, greedy_lengths = (t.numpy() for t in self.sample(feats, seed))
+        targets, owners = targets.numpy(), owners.numpy()
+        reference_words = (targets != text.PAD_ID).sum(axis=1) - 1  # targets end with <end>
+        images = len(greedy)
+        sample_owners = np.repeat(np.arange(images), self.samples)
+        rewards = self.reward(sampled, caption_words(sampled, lengths), sample_owners, targets, reference_words, owners)
+        greedy_rewards = self.reward(greedy, caption_words(greedy, greedy_lengths), np.arange(images), targets,
+                                     reference_words, owners)
+        per_image = rewards.reshape(images, self.samples)
+        if self.baseline == "mean":
+            baseline = (per_image.sum(axis=1, keepdims=True) - per_image) / (self.samples - 1)
+        else:
+            baseline = greedy_rewards[:, None]
+        advantages = (per_image - baseline).reshape(-1).astype(np.float32)
+        loss = self.gradient(feats, tf.constant(sampled), tf.constant(lengths), tf.constant(advantages))
+        for key, values in (("reward", rewards), ("greedy_cider", greedy_rewards), ("advantage_abs", np.abs(advantages))):
+            self.sums[key] += float(values.sum())
+            self.counts[key] += len(values)
+        return loss, float(len(rewards))
