@@ -188,8 +188,16 @@ def _decoding_options(f):
     f = click.option("--length-penalty", type=float, default=None,
                      help="alpha in sum_logp / length**alpha for ranking beams (default 0).")(f)
     f = click.option("--beam-size", type=int, default=None, help="Beam width; 1 is greedy (default 3).")(f)
-    return click.option("--model", "model_path", type=PathArg, required=True,
-                        help="Run directory from tfcap train, or a SavedModel from tfcap export.")(f)
+    return click.option("--model", "model_path", type=PathArg, callback=_default_model,
+                        help="Run directory from tfcap train, or a SavedModel from tfcap export "
+                        "(default: the bundled model, see tfcap models).")(f)
+
+
+def _default_model(ctx, param, value):
+    """--model, or the bundled default model when it is not given."""
+    from tfcap import pretrained
+
+    return pretrained.resolve(value)
 
 
 @main.command("caption-dir")
@@ -250,14 +258,14 @@ def caption_command(image_paths, model_path, beam_size, length_penalty, precisio
 
 
 @main.command("export")
-@click.argument("run_dir", metavar="RUN_DIR", type=PathArg)
+@click.argument("run_dir", metavar="[RUN_DIR]", type=PathArg, required=False, callback=_default_model)
 @click.option("-o", "--out", type=PathArg, required=True, help="SavedModel folder to write.")
 @click.option("--beam-size", type=int, default=3, show_default=True)
 @click.option("--length-penalty", type=float, default=0.0, show_default=True)
 @_precision_option
 @click.option("--overwrite", is_flag=True)
 def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite):
-    """Export RUN_DIR as a SavedModel: image bytes in, captions and scores out."""
+    """Export RUN_DIR (default: the bundled model) as a SavedModel: image bytes in, captions and scores out."""
     from tfcap import export
     from tfcap.progress import Stopwatch, summary
 
@@ -308,13 +316,16 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
 
     \b
     tfcap evaluate --model RUN_DIR RECORDS --split test
+    tfcap evaluate RECORDS --split test           (the bundled model)
     tfcap evaluate --predictions out.csv --references RECORDS_OR_DATA [--split test]
     tfcap evaluate --human-baseline --references RECORDS_OR_DATA --split test
     """
-    from tfcap import evaluate, outputs
+    from tfcap import evaluate, outputs, pretrained
 
     modes = sum(bool(x) for x in (model_path, predictions, human_baseline))
-    if modes != 1:
+    if modes == 0 and records_dir is not None:  # RECORDS alone: caption its split with the bundled model
+        model_path = pretrained.resolve(None)
+    elif modes != 1:
         raise TfcapError("give exactly one of --model (with RECORDS), --predictions or --human-baseline")
     if out is not None:
         outputs.refuse_existing(out, overwrite)
@@ -323,7 +334,9 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
             raise TfcapError("--model needs the RECORDS folder to caption")
         result = evaluate.run_model(model_path, records_dir, split, beam_size=beam_size, length_penalty=length_penalty,
                                     precision=precision, batch_size=batch_size, meteor=not no_meteor, show_progress=not quiet)
-        out = out or Path(model_path) / f"eval-{split}"
+        # Never write into the installed package: a bundled model's results go to the current folder.
+        out = out or (Path(f"eval-{Path(model_path).name}-{split}") if pretrained.is_bundled(model_path)
+                      else Path(model_path) / f"eval-{split}")
     else:
         refs_path = references or records_dir
         if refs_path is None:
@@ -341,6 +354,24 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
     click.echo(evaluate.table(result))
     evaluate.write_results(out, result, overwrite=True)
     click.echo(f"scores: {out / 'scores.json'}; COCO results: {out / 'captions_coco.json'}", err=True)
+
+
+@main.command("models")
+def models_command():
+    """The captioners bundled with tfcap: what they were trained on, their scores, their licence."""
+    from tfcap import pretrained
+
+    names = pretrained.names()
+    if not names:
+        raise TfcapError("this tfcap installation has no bundled model")
+    for name in names:
+        card = pretrained.card(name)
+        default = " (default)" if name == pretrained.DEFAULT else ""
+        click.echo(f"{name}{default}: {card['summary']}")
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in card["test_scores"].items())
+        click.echo(f"  {card['test_split']}: {scores}")
+        click.echo(f"  licence: {card['licence']}")
+        click.echo(f"  path: {pretrained.path(name)}")
 
 
 @main.command("demo")

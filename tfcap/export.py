@@ -73,6 +73,9 @@ class ServingModule(tf.Module):
         return self._caption_pixels(pixels)
 
 
+DECODING = "decoding.json"
+
+
 def serving_module(run_dir: Path, beam_size: int, length_penalty: float, precision: str | None) -> ServingModule:
     """RUN_DIR's captioner for captioning only: BatchNorm folded into the encoder (encoder.fold_batch_norm)."""
     return ServingModule(models.load_model(run_dir, encoder_precision=precision, inference=True), beam_size,
@@ -129,7 +132,11 @@ def load_predictor(path: Path, *, beam_size: int | None = None, length_penalty: 
     export; asking for others is an error)."""
     path = Path(path)
     if (path / models.CONFIG).is_file():
-        module = serving_module(path, beam_size or 3, length_penalty or 0.0, precision)
+        # decoding.json (a bundled model has one): the beam size and length penalty chosen on val.
+        chosen = json.loads((path / DECODING).read_text()) if (path / DECODING).is_file() else {}
+        module = serving_module(path, beam_size or chosen.get("beam_size", 3),
+                                length_penalty if length_penalty is not None else chosen.get("length_penalty", 0.0),
+                                precision)
         return Predictor(module, json.loads(module.settings))
     if (path / "saved_model.pb").is_file():
         loaded = tf.saved_model.load(str(path))

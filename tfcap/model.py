@@ -140,12 +140,18 @@ def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision:
     see encoder.fold_batch_norm): for captioning and export.
     """
     run_dir = Path(run_dir)
-    config = ModelConfig.from_dict(read_run_config(run_dir)["model"])
+    saved = read_run_config(run_dir)
+    config = ModelConfig.from_dict(saved["model"])
     vocab = load_vocabulary_checked(run_dir, config)
-    for name in (ENCODER_WEIGHTS, weights):
+    # A bundled model (tfcap.pretrained) whose encoder kept its ImageNet weights ships without them:
+    # they come from the Keras cache (or the package they are converted from), as in training.
+    imagenet_encoder = (config.encoder.weights == "imagenet" and not saved.get("train", {}).get("train_encoder")
+                        and not (run_dir / ENCODER_WEIGHTS).exists())
+    for name in ((weights,) if imagenet_encoder else (ENCODER_WEIGHTS, weights)):
         if not (run_dir / name).is_file():
             raise TfcapError(f"{run_dir} has no {name}; was training interrupted before the first epoch ended?")
-    encoder_config = dataclasses.replace(config.encoder, weights=str(run_dir / ENCODER_WEIGHTS))
+    encoder_config = config.encoder if imagenet_encoder else dataclasses.replace(
+        config.encoder, weights=str(run_dir / ENCODER_WEIGHTS))
     encoder = encoders.build_encoder(encoder_config, encoder_precision or config.precision, inference=inference)
     grid_h, grid_w = encoder.grid_shape
     decoder = build_decoder(config, encoder.feature_dim, grid_h * grid_w)

