@@ -130,7 +130,13 @@ def read_run_config(run_dir: Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise TfcapError(f"{run_dir} is not a tfcap run directory (no {CONFIG}); train one with tfcap train")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TfcapError(f"{path} is damaged ({e}); train again or restore it") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise TfcapError(f"{path} is damaged (no model settings); train again or restore it")
+    return config
 
 
 def load_vocabulary_checked(run_dir: Path, config: ModelConfig) -> text.Vocabulary:
@@ -152,7 +158,11 @@ def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision:
     see encoder.fold_batch_norm): for captioning and export.
     """
     run_dir = Path(run_dir)
-    config = ModelConfig.from_dict(read_run_config(run_dir)["model"])
+    try:
+        config = ModelConfig.from_dict(read_run_config(run_dir)["model"])
+    except (KeyError, TypeError) as e:
+        raise TfcapError(f"{run_dir / CONFIG} does not describe a model this tfcap builds ({type(e).__name__}: "
+                         f"{e}); train again or restore it") from None
     vocab = load_vocabulary_checked(run_dir, config)
     for name in (ENCODER_WEIGHTS, weights):
         if not (run_dir / name).is_file():
