@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +17,45 @@ def refuse_existing(path: Path, overwrite: bool, hint: str = "--overwrite") -> N
     """Raise TfcapError if `path` exists and the user did not ask to replace it."""
     if path.exists() and not overwrite:
         raise TfcapError(f"{path} already exists; pass {hint} to replace it")
+
+
+def check_writable(path: Path, replace: bool = True) -> None:
+    """Raise TfcapError `cannot write PATH: reason` unless `path` (a file or folder) can be written.
+
+    Called before any long work, so a bad output fails in a second, not after the model loads. It
+    tries for real: a probe file is created and removed where the output will go (the nearest
+    existing folder, or inside an existing output folder), because permission bits say nothing
+    for root, a read-only mount or an immutable (`chattr +i`) folder. An existing file must open
+    for appending; with `replace`, the folder holding an existing output must take the temporary
+    name and rename it.
+    """
+    path = Path(path)
+
+    def fail(reason: str) -> None:
+        raise TfcapError(f"cannot write {path}: {reason}")
+
+    existing = path
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        fail(f"{existing} is not a directory")
+    if existing != path:
+        folders = [existing]
+    elif path.is_dir():
+        folders = [path, path.parent] if replace else [path]
+    else:
+        try:
+            open(path, "ab").close()  # existing file: neither created nor changed
+        except OSError as e:
+            fail(e.strerror or str(e))
+        folders = [path.parent] if replace else []
+    for folder in folders:
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".tfcap-probe-", dir=folder)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as e:
+            fail(f"cannot create files in {folder} ({e.strerror or e})")
 
 
 def _remove(path: Path) -> None:
