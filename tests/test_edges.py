@@ -405,6 +405,20 @@ def _file(name, data: bytes):
     return make
 
 
+def _copy(what: str, name: str):
+    def make(w, tmp):
+        source = getattr(w, what)
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, tmp / name)
+        return tmp / name
+    return make
+
+
+def _dataset(w, tmp):
+    shutil.copytree(w.images, tmp / "data" / "img")
+    shutil.copy(w.captions, tmp / "data" / "c.csv")
+    return tmp / "data"
+
+
 EDGES = {  # case -> (make the input: (world, tmp) -> path, arguments, what the one error line names)
     "build-records missing data": (None, lambda w, t, x: ["build-records", t / "nope", "-o", t / "rec"],
                                    ["nope does not exist"]),
@@ -459,6 +473,23 @@ EDGES = {  # case -> (make the input: (world, tmp) -> path, arguments, what the 
                                                                         "-o", x], ["g.html already exists"]),
     "gallery damaged predictions": (_file("p.jsonl", b'{"path": "0.png"\n'), lambda w, t, x: [
         "gallery", x, "--images", w.photos, "-o", t / "g.html"], ["p.jsonl:1"]),
+    # An output that would replace an input, even with --overwrite: it would delete the input.
+    "build-records out is the dataset": (_dataset, lambda w, t, x: [
+        "build-records", "--captions", x / "c.csv", "--images", x / "img", "-o", x, "--overwrite"],
+        ["would replace the captions file"]),
+    "train out is the records": (_copy("records", "rec"), lambda w, t, x: ["train", x, "-o", x, "--overwrite"],
+                                 ["would replace the records folder"]),
+    "export out is the run": (_copy("run", "run"), lambda w, t, x: ["export", x, "-o", x, "--overwrite"],
+                              ["would replace the run directory"]),
+    "gallery out is the predictions": (_copy("csv", "p.csv"), lambda w, t, x: [
+        "gallery", x, "--images", w.photos, "-o", x, "--overwrite"], ["would replace the predictions file"]),
+    "caption-dir gallery is the output": (None, lambda w, t, x: [
+        "caption-dir", w.photos, "-o", t / "o.csv", "--model", w.run, "--gallery", t / "o.csv"],
+        ["would replace the output"]),
+    "caption-dir out is the images folder": (None, lambda w, t, x: [
+        "caption-dir", w.photos, "-o", w.photos, "--model", w.run, "--overwrite"], ["would replace the images"]),
+    "evaluate out is the run": (_copy("run", "run"), lambda w, t, x: [
+        "evaluate", "--model", x, w.records, "-o", x, "--overwrite"], ["would replace the model"]),
     "demo existing out": (_existing("demo"), lambda w, t, x: ["demo", "-o", x], ["demo already exists"]),
     "demo too few images": (None, lambda w, t, x: ["demo", "-o", t / "demo", "--images", "5"], ["--images"]),
 }

@@ -114,8 +114,8 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
     """
     from tfcap import layouts, outputs, records, text
 
-    outputs.refuse_existing(out, overwrite)
-    outputs.check_writable(out)
+    outputs.check_output(out, overwrite, {"dataset": data, "captions file": captions_file,
+                                          "images folder": images_dir})
     source = layouts.read_source(data, captions_file=captions_file, images_dir=images_dir, layout=layout,
                                  skip_bad_lines=skip_bad_lines)
     config = records.RecordsConfig(
@@ -168,6 +168,7 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
 
     if resume and overwrite:
         raise TfcapError("--resume and --overwrite contradict each other")
+    outputs.refuse_inputs(run_dir, {"records folder": records_dir})
     if resume or overwrite or not run_dir.exists():  # else train refuses it, saying how to continue
         outputs.check_writable(run_dir, replace=not resume)
     cache = cache_dir or features.default_cache_dir(records_dir)
@@ -230,12 +231,11 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
         raise TfcapError("--overwrite and --resume contradict each other")
     fmt = caption.output_format(out, fmt)
     # Wrong folders and unwritable outputs fail before the model loads.
-    if not (resume and out.is_file()):
-        outputs.refuse_existing(out, overwrite, "--overwrite (or --resume to complete it)")
-    outputs.check_writable(out, replace=not resume)
+    inputs = {"images folder": images_dir, "model": model_path}
+    outputs.check_output(out, overwrite or (resume and out.is_file()), inputs,
+                         hint="--overwrite (or --resume to complete it)", replace=not resume)
     if gallery_path:
-        outputs.refuse_existing(gallery_path, overwrite or resume)
-        outputs.check_writable(gallery_path)
+        outputs.check_output(gallery_path, overwrite or resume, {**inputs, "output": out})
     caption.find_images(images_dir, config.recursive)
     predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
                                       precision=precision)
@@ -282,8 +282,7 @@ def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite
     from tfcap import export, outputs
     from tfcap.progress import Stopwatch, summary
 
-    outputs.refuse_existing(out, overwrite)
-    outputs.check_writable(out)
+    outputs.check_output(out, overwrite, {"run directory": run_dir})
     clock = Stopwatch()
     export.export(run_dir, out, beam_size=beam_size, length_penalty=length_penalty, precision=precision,
                   overwrite=overwrite)
@@ -304,8 +303,7 @@ def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, 
     from tfcap.gallery import write_gallery
     from tfcap.progress import summary
 
-    outputs.refuse_existing(out, overwrite)
-    outputs.check_writable(out)
+    outputs.check_output(out, overwrite, {"predictions file": predictions, "images folder": images_dir})
     s = write_gallery(predictions, images_dir, out, thumb_size=thumb_size, title=title, overwrite=overwrite,
                       progress=not quiet)
     mean = "n/a" if s["mean_score"] is None else f"{s['mean_score']:.3f}"
@@ -350,8 +348,8 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
     if not predictions:
         split = split or "test"
     out = out or evaluate.default_output(model_path=model_path, predictions=predictions, split=split)
-    outputs.refuse_existing(out, overwrite)  # before captioning or scoring anything
-    outputs.check_writable(out)
+    outputs.check_output(out, overwrite, {"model": model_path, "records folder": records_dir,  # before any work
+                                          "predictions file": predictions, "references": references})
     if model_path:
         result = evaluate.run_model(model_path, records_dir, split, beam_size=beam_size, length_penalty=length_penalty,
                                     precision=precision, batch_size=batch_size, meteor=not no_meteor, show_progress=not quiet)
@@ -385,8 +383,7 @@ def demo_command(out, images, epochs, overwrite, quiet):
 
     from tfcap import demo, outputs
 
-    outputs.refuse_existing(out, overwrite)
-    outputs.check_writable(out)
+    outputs.check_output(out, overwrite)
     config = demo.DemoConfig()
     if images is not None:
         config = dataclasses.replace(config, scenes=dataclasses.replace(config.scenes, images=images))

@@ -58,6 +58,24 @@ def check_writable(path: Path, replace: bool = True) -> None:
             fail(f"cannot create files in {folder} ({e.strerror or e})")
 
 
+def refuse_inputs(out: Path, inputs: dict[str, Path | None]) -> None:
+    """Raise TfcapError if writing `out` would replace one of `inputs` ({what: path}): `out` is an
+    input, or a folder holding one (replacing it with --overwrite would delete the input)."""
+    target = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is not None and (Path(path).resolve() == target or target in Path(path).resolve().parents):
+            raise TfcapError(f"{out} would replace the {what} {path}: choose another output")
+
+
+def check_output(out: Path, overwrite: bool, inputs: dict[str, Path | None] | None = None, *,
+                 hint: str = "--overwrite", replace: bool = True) -> None:
+    """Everything known about an output before the work starts: it replaces no input, it does not
+    exist unless `overwrite`, and it can be written (`check_writable`)."""
+    refuse_inputs(out, inputs or {})
+    refuse_existing(Path(out), overwrite, hint)
+    check_writable(out, replace)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
