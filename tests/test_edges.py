@@ -428,6 +428,9 @@ EDGES = {  # case -> (make the input: (world, tmp) -> path, arguments, what the 
         "build-records", "--captions", w.captions, "--images", w.images, "-o", x], ["rec already exists"]),
     "build-records captions not utf-8": (_file("c.csv", b"image,caption\n\xff\xfe.png,a\n"), lambda w, t, x: [
         "build-records", "--captions", x, "--images", w.images, "-o", t / "rec"], ["c.csv: not UTF-8"]),
+    "build-records shard size 0": (None, lambda w, t, x: [
+        "build-records", "--captions", w.captions, "--images", w.images, "-o", t / "rec", "--shard-mb", "0"],
+        ["--shard-mb"]),
     "build-records no usable image": (_file("c.csv", b"image,caption\nmissing.png,a cat\n"), lambda w, t, x: [
         "build-records", "--captions", x, "--images", w.images, "-o", t / "rec", "--min-count", "1"],
         ["no usable image"]),
@@ -449,6 +452,9 @@ EDGES = {  # case -> (make the input: (world, tmp) -> path, arguments, what the 
         "caption-dir", w.photos, "-o", x, "--model", w.run, "--resume"], ["out.jsonl"]),
     "caption-dir batch size 0": (None, lambda w, t, x: ["caption-dir", w.photos, "-o", t / "o.csv", "--model", w.run,
                                                         "--batch-size", "0"], ["--batch-size"]),
+    "caption-dir negative length penalty": (None, lambda w, t, x: [
+        "caption-dir", w.photos, "-o", t / "o.csv", "--model", w.run, "--length-penalty", "-1"],
+        ["--length-penalty"]),
     "caption missing model": (None, lambda w, t, x: ["caption", w.photos / "0.png", "--model", t / "nope"],
                               ["nope is neither"]),
     "export missing run": (None, lambda w, t, x: ["export", t / "nope", "-o", t / "sm"], ["nope"]),
@@ -459,6 +465,8 @@ EDGES = {  # case -> (make the input: (world, tmp) -> path, arguments, what the 
         "export", t, "-o", t / "sm"], ["config.json does not describe a model"]),
     "evaluate no mode": (None, lambda w, t, x: ["evaluate", w.records], ["give exactly one of"]),
     "evaluate model without records": (None, lambda w, t, x: ["evaluate", "--model", w.run], ["RECORDS"]),
+    "evaluate unknown split": (None, lambda w, t, x: ["evaluate", "--model", w.run, w.records, "--split", "bogus",
+                                                      "-o", t / "e"], ["no split 'bogus'"]),
     "evaluate missing predictions": (None, lambda w, t, x: ["evaluate", "--predictions", t / "nope.csv",
                                                             "--references", w.records], ["nope.csv"]),
     "evaluate damaged predictions": (_file("p.jsonl", b"\x00\x01garbage\n"), lambda w, t, x: [

@@ -77,6 +77,7 @@ class _Group(click.Group):
 
 PathArg = click.Path(path_type=Path)
 _POSITIVE = click.IntRange(min=1)  # a batch or beam of 0 would fail deep inside TensorFlow
+_NON_NEGATIVE = click.FloatRange(min=0)  # a negative length penalty would fail inside a traced function
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -99,8 +100,8 @@ def main():
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Without official splits.")
 @click.option("--test-fraction", type=float, default=0.1, show_default=True, help="Without official splits.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split by image.")
-@click.option("--shards", type=int, help="Shards per split (default: about --shard-mb each).")
-@click.option("--shard-mb", type=float, default=100.0, show_default=True, help="Target shard size in MB.")
+@click.option("--shards", type=_POSITIVE, help="Shards per split (default: about --shard-mb each).")
+@click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True, help="Target shard size in MB.")
 @click.option("--compression", type=click.Choice(["none", "gzip"]), default="none", show_default=True)
 @click.option("--skip-bad-lines", is_flag=True, help="Skip unparsable caption lines instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
@@ -197,7 +198,7 @@ def _precision_option(f):
 
 def _decoding_options(f):
     f = _precision_option(f)
-    f = click.option("--length-penalty", type=float, default=None,
+    f = click.option("--length-penalty", type=_NON_NEGATIVE, default=None,
                      help="alpha in sum_logp / length**alpha for ranking beams (default 0).")(f)
     f = click.option("--beam-size", type=_POSITIVE, default=None, help="Beam width; 1 is greedy (default 3).")(f)
     return click.option("--model", "model_path", type=PathArg, required=True,
@@ -274,7 +275,7 @@ def caption_command(image_paths, model_path, beam_size, length_penalty, precisio
 @click.argument("run_dir", metavar="RUN_DIR", type=PathArg)
 @click.option("-o", "--out", type=PathArg, required=True, help="SavedModel folder to write.")
 @click.option("--beam-size", type=_POSITIVE, default=3, show_default=True)
-@click.option("--length-penalty", type=float, default=0.0, show_default=True)
+@click.option("--length-penalty", type=_NON_NEGATIVE, default=0.0, show_default=True)
 @_precision_option
 @click.option("--overwrite", is_flag=True)
 def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite):
@@ -320,7 +321,7 @@ def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, 
 @click.option("--split", default=None,
               help="Split to caption or to take references from (default: test; with --predictions, all splits).")
 @click.option("--beam-size", type=_POSITIVE, default=None, help="Beam width (default 3; fixed for a SavedModel).")
-@click.option("--length-penalty", type=float, default=None)
+@click.option("--length-penalty", type=_NON_NEGATIVE, default=None)
 @_precision_option
 @click.option("--batch-size", type=_POSITIVE, default=32, show_default=True)
 @click.option("--no-meteor", is_flag=True, help="Skip METEOR (it starts Java: about 15 s).")

@@ -178,6 +178,7 @@ def run_model(model_path: Path, records_dir: Path, split: str, *, beam_size: int
     """Caption a records split with a run directory or SavedModel and score it."""
     from tfcap.export import load_predictor
 
+    records.shard_paths(records_dir, split)  # a wrong folder or split fails before the model loads
     predictor = load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty, precision=precision)
     clock = Stopwatch()
     hypotheses = caption_split(predictor, records_dir, split, batch_size, show_progress)
