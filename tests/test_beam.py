@@ -11,7 +11,7 @@ from tfcap.errors import TfcapError
 from tfcap.text import END_ID, PAD_ID, START_ID, UNK_ID
 
 V, H, D, REGIONS = 7, 6, 4, 2  # vocabulary: <pad> <unk> <start> <end> and words 4, 5, 6
-WORDS = [UNK_ID, 4, 5, 6]  # tokens a caption may contain besides <end>
+WORDS = [4, 5, 6]  # tokens a caption may contain besides <end> (never <unk>)
 
 
 class TinyModel:
@@ -26,8 +26,8 @@ class TinyModel:
         normal = lambda *shape: tf.constant(rng.normal(size=shape), tf.float32)
         self.emb, self.u, self.wc, self.wi, self.ws, self.wo = (
             normal(V, H), normal(H, H), normal(D, H), normal(D, H), normal(1, H), normal(H, V) * scale)
-        # forbidden_bias makes <pad>/<start> the model's favourites, to check they are never generated.
-        self.bias = tf.constant([forbidden_bias, 0, forbidden_bias, 0, 0, 0, 0], tf.float32)
+        # forbidden_bias makes <pad>/<unk>/<start> the model's favourites, to check they are never generated.
+        self.bias = tf.constant([forbidden_bias, forbidden_bias, forbidden_bias, 0, 0, 0, 0], tf.float32)
 
     def initial_state(self, features):
         return {"h": tf.tanh(tf.reduce_mean(features, axis=1) @ self.wi), "step": tf.zeros([tf.shape(features)[0], 1])}
@@ -91,7 +91,7 @@ def exhaustive_best(model, features, end_bias, max_length, length_penalty):
 
 
 def check_valid(tokens, lengths, max_length):
-    """Non-empty words, then <end> unless cut at max_length, then <pad>; never <pad>/<start> inside."""
+    """Non-empty words, then <end> unless cut at max_length, then <pad>; never <pad>/<unk>/<start> inside."""
     for row, n in zip(tokens, lengths):
         assert 2 <= n <= max_length
         words = row[: n - 1] if row[n - 1] == END_ID else row[:n]
@@ -177,7 +177,7 @@ def test_greedy_equals_beam_size_one_and_numpy_rollout():
     for t in range(max_length):
         log_probs, state = model.step(tf.constant(tokens), state, context)
         log_probs = log_probs.numpy().copy()
-        log_probs[:, [PAD_ID, START_ID] + ([END_ID] if t == 0 else [])] = -np.inf
+        log_probs[:, [PAD_ID, UNK_ID, START_ID] + ([END_ID] if t == 0 else [])] = -np.inf
         tokens = log_probs.argmax(axis=1).astype(np.int32)
         want[~done, t] = tokens[~done]
         sums[~done] += log_probs.max(axis=1)[~done]
@@ -207,8 +207,8 @@ def test_never_ending_and_mixed_batches_caption_every_image(search, options):
 
 
 @pytest.mark.parametrize("search, options", [(beam_search, {"beam_size": 3}), (greedy_search, {})])
-def test_pad_start_and_first_end_are_never_generated(search, options):
-    # The model prefers <pad>/<start> above all and <end> strongly: captions are still one word + <end>.
+def test_pad_unk_start_and_first_end_are_never_generated(search, options):
+    # The model prefers <pad>/<unk>/<start> above all and <end> strongly: captions are still one word + <end>.
     model = TinyModel(seed=12, forbidden_bias=50.0)
     features, end_bias = images(5, seed=13, end_bias=[20.0] * 5)
     tokens, scores, lengths = decoder(model, search, max_length=4, **options)(features, end_bias)

@@ -191,7 +191,7 @@ def test_bad_csv_row_names_file_and_line(kaggle_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["{empty}"], "matches any known layout"),
+    (["{empty}"], "no known layout matches (kaggle: captions.txt and Images/ in DATA; original: Flickr8k.token.txt"),
     (["{missing}"], "does not exist"),
     (["--captions", "{empty}/x.csv"], "needs --captions FILE.csv and --images DIR"),
     ([], "give a dataset folder"),

@@ -13,8 +13,9 @@ N is B (greedy, and beam search's first step) or B * beam_size (beam search's la
 image b in rows b*K .. b*K + K-1).
 
 What is searched: captions y_1 .. y_n (n <= max_length) that end with `<end>`, or that reach
-max_length without it (truncated). `<pad>` and `<start>` are never generated, and `<end>` is not
-allowed first, so every caption has at least one word. The model's log-probs are used as they are
+max_length without it (truncated). `<pad>`, `<unk>` and `<start>` are never generated (their
+log-probs are set to -inf in the step, before any top-k), and `<end>` is not allowed first, so every
+caption has at least one word, and a word of the vocabulary. The model's log-probs are used as they are
 (not renormalized after forbidding tokens). n counts the `<end>` token when there is one.
 
   - Ranking: sum_logp / n ** length_penalty (0: raw sum, favours short captions; 1: mean log-prob).
@@ -31,7 +32,7 @@ from typing import Any, Callable
 import tensorflow as tf
 
 from tfcap.errors import TfcapError
-from tfcap.text import END_ID, PAD_ID, START_ID
+from tfcap.text import END_ID, PAD_ID, START_ID, UNK_ID
 
 StepFn = Callable[[tf.Tensor, Any, Any], "tuple[tf.Tensor, Any]"]
 
@@ -82,7 +83,7 @@ def beam_search(
     batch = _batch_size(initial_state, context)
     positions = tf.range(steps)
     row_offsets = k * tf.range(batch)[:, None]  # [B, 1]: image b's beams sit in rows b*K .. b*K + K-1
-    forbidden = tuple(sorted({PAD_ID, start_id}))  # never generated; `<end>` is also forbidden first
+    forbidden = tuple(sorted({PAD_ID, UNK_ID, start_id}))  # never generated; `<end>` is also forbidden first
 
     def rank(sums, length):
         return sums if length_penalty == 0 else sums / tf.cast(length, tf.float32) ** length_penalty
@@ -252,9 +253,9 @@ def _batch_size(initial_state: Any, context: Any) -> tf.Tensor:
 
 
 def _forbid(log_probs: tf.Tensor, t: tf.Tensor, start_id: int, end_id: int) -> tf.Tensor:
-    """log_probs [N, V] with -inf for `<pad>`, `<start>`, and `<end>` at the first step (t == 0)."""
+    """log_probs [N, V] with -inf for `<pad>`, `<unk>`, `<start>`, and `<end>` at the first step (t == 0)."""
     ids = tf.range(tf.shape(log_probs)[1])
-    forbidden = (ids == PAD_ID) | (ids == start_id) | ((ids == end_id) & (t == 0))
+    forbidden = (ids == PAD_ID) | (ids == UNK_ID) | (ids == start_id) | ((ids == end_id) & (t == 0))
     return tf.where(forbidden, _NEG_INF, log_probs)
 
 

@@ -25,7 +25,7 @@ from typing import Iterator
 import tensorflow as tf
 
 from tfcap import images, records
-from tfcap.errors import TfcapError
+from tfcap.errors import Interrupted, TfcapError
 from tfcap.outputs import refuse_existing
 from tfcap.progress import Stopwatch, progress_bar, summary
 
@@ -98,10 +98,10 @@ def pixel_batches(root: Path, paths: list[str], preprocess, config: CaptionConfi
         with tf.control_dependencies([_too_large_check(data, config.max_pixels)]):
             return index, preprocess(data)
 
-    full = tf.constant([str(Path(root) / p) for p in paths] or [""], tf.string)
+    # shape=[n]: with no paths at all, an empty string vector (not a float one), so nothing to do is no error
+    full = tf.constant([str(Path(root) / p) for p in paths], tf.string, shape=[len(paths)])
     return (records.without_autotuning(tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64),
                                                                            full)))
-            .take(len(paths))
             .map(load, num_parallel_calls=tf.data.AUTOTUNE)
             .ignore_errors()
             .batch(config.batch_size)
@@ -124,20 +124,40 @@ def feature_batches(root: Path, paths: list[str], captioner, config: CaptionConf
             .with_options(options))
 
 
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+
+
+def output_format(out: Path, fmt: str | None = None) -> str:
+    """"csv" or "jsonl": `fmt` if given, else from the suffix of `out` (.jsonl, .ndjson, .json: JSON
+    Lines; anything else: CSV). An explicit format that contradicts a .csv or JSON Lines suffix is an error."""
+    suffix = Path(out).suffix.lower()
+    by_suffix = "jsonl" if suffix in JSONL_SUFFIXES else "csv" if suffix == ".csv" else None
+    if fmt is None:
+        return by_suffix or "csv"
+    if fmt not in ("csv", "jsonl"):
+        raise TfcapError(f"--format must be csv or jsonl, not {fmt}")
+    if by_suffix and fmt != by_suffix:
+        raise TfcapError(f"--format {fmt} contradicts the name {out} ({by_suffix}); rename it or drop --format")
+    return fmt
+
+
 def _format_rows(rows: list[dict], fmt: str) -> str:
+    """Rows with `score` a float (None on error rows) as CSV (4 decimals, empty) or JSON Lines (number, null)."""
     if fmt == "jsonl":
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        return "".join(json.dumps({**r, "score": None if r["score"] is None else round(r["score"], 4)},
+                                  ensure_ascii=False) + "\n" for r in rows)
     buffer = io.StringIO()
-    csv.DictWriter(buffer, COLUMNS, lineterminator="\n").writerows(rows)
+    csv.DictWriter(buffer, COLUMNS, lineterminator="\n").writerows(
+        {**r, "score": "" if r["score"] is None else f"{r['score']:.4f}"} for r in rows)
     return buffer.getvalue()
 
 
-def read_rows(path: Path) -> list[dict]:
-    """Rows of an existing output (CSV or JSON Lines by extension); a cut-off last line is ignored."""
+def read_rows(path: Path, fmt: str | None = None) -> list[dict]:
+    """Rows of an existing output (CSV or JSON Lines: `fmt`, else by suffix); a cut-off last line is ignored."""
     text = Path(path).read_text(encoding="utf-8")
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-    if Path(path).suffix.lower() in (".jsonl", ".json"):
+    if (fmt or output_format(path)) == "jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     return list(csv.DictReader(io.StringIO(text)))
 
@@ -145,47 +165,52 @@ def read_rows(path: Path) -> list[dict]:
 def _open_output(out: Path, fmt: str, overwrite: bool, resume: bool) -> tuple[int, set[str]]:
     """Prepare `out` for appending; return (its file descriptor, paths already captioned)."""
     done: set[str] = set()
-    if out.exists() and resume:
-        text = out.read_bytes()
+    text = out.read_bytes() if resume and out.is_file() else b""
+    if text:
         # Check before changing anything: a file that is not ours is left exactly as it is.
-        if fmt == "csv" and text and not text.startswith((",".join(COLUMNS) + "\n").encode()):
+        if fmt == "csv" and not text.startswith((",".join(COLUMNS) + "\n").encode()):
             raise TfcapError(f"{out} is not a caption-dir CSV (header is not {','.join(COLUMNS)}); cannot --resume")
+        if fmt == "jsonl" and not text.lstrip().startswith(b"{"):
+            raise TfcapError(f"{out} is not a caption-dir JSON Lines file; cannot --resume")
         keep = text.rfind(b"\n") + 1  # a row cut by a kill has no newline yet: drop it
+        try:
+            done = {r["path"] for r in read_rows(out, fmt)}
+        except (ValueError, KeyError, TypeError, csv.Error) as e:
+            raise TfcapError(f"{out} is damaged ({type(e).__name__}: {e}); cannot --resume") from None
         if keep < len(text):
             os.truncate(out, keep)
-        done = {r["path"] for r in read_rows(out)}
-    else:
-        refuse_existing(out, overwrite, "--overwrite (or --resume to complete it)")
+    else:  # new, or an empty file left by a run killed before its header (resume: nothing to keep)
+        refuse_existing(out, overwrite or (resume and out.is_file()), "--overwrite (or --resume to complete it)")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(",".join(COLUMNS) + "\n" if fmt == "csv" else "", encoding="utf-8")
     return os.open(out, os.O_WRONLY | os.O_APPEND), done
 
 
 def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionConfig = CaptionConfig(), *,
-                      fmt: str = "csv", overwrite: bool = False, resume: bool = False,
+                      fmt: str | None = None, overwrite: bool = False, resume: bool = False,
                       show_progress: bool = True) -> dict:
     """Caption every image under `images_dir` into `out`; return counts and timing.
 
     `captioner` is anything with `preprocess_bytes(tf.string []) -> [S, S, 3]`,
     `encode(pixels [B, S, S, 3]) -> features` (usable inside tf.data) and
     `decode(features) -> (captions tf.string [B], scores tf.float32 [B])`:
-    a `tfcap.export.Predictor` over a run directory or an exported SavedModel.
+    a `tfcap.export.Predictor` over a run directory or an exported SavedModel. `fmt` (csv, jsonl)
+    defaults to the suffix of `out` (see `output_format`).
     """
-    if fmt not in ("csv", "jsonl"):
-        raise TfcapError(f"--format must be csv or jsonl, not {fmt}")
     if overwrite and resume:
         raise TfcapError("--overwrite and --resume contradict each other")
     images_dir, out = Path(images_dir), Path(out)
+    fmt = output_format(out, fmt)
     all_paths = find_images(images_dir, config.recursive)
     fd, done = _open_output(out, fmt, overwrite, resume)
     todo = [p for p in all_paths if p not in done]
     clock, counts = Stopwatch(), {"ok": 0, "failed": 0}
 
     def error_row(k: int) -> dict:
-        return {"path": todo[k], "caption": "", "score": "", "error": diagnose(images_dir / todo[k], config.max_pixels)}
+        return {"path": todo[k], "caption": "", "score": None, "error": diagnose(images_dir / todo[k], config.max_pixels)}
 
     try:
-        with progress_bar(len(todo), "captioning", show_progress) as advance:
+        with progress_bar(len(todo), "captioning", show_progress and bool(todo)) as advance:
             def flush(rows: list[dict]) -> None:
                 os.write(fd, _format_rows(rows, fmt).encode("utf-8"))  # one write: whole rows only
                 failed = sum(1 for r in rows if r["error"])
@@ -200,14 +225,20 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
                 for index, caption, score in zip(indices.numpy(), captions.numpy(), scores.numpy()):
                     rows += [error_row(k) for k in range(next_index, int(index))]  # dropped out before it
                     rows.append({"path": todo[index], "caption": caption.decode("utf-8"),
-                                 "score": f"{float(score):.4f}", "error": ""})
+                                 "score": float(score), "error": ""})
                     next_index = int(index) + 1
                 flush(rows)
             if next_index < len(todo):  # failures after the last good file
                 flush([error_row(k) for k in range(next_index, len(todo))])
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {counts['ok'] + counts['failed']} of {len(todo)} images written to "
+                          f"{out}; continue with --resume") from None
     finally:
         os.close(fd)
     seconds, ok, failed = clock.seconds, counts["ok"], counts["failed"]
+    if not todo:
+        summary(f"caption-dir: 0 images to caption ({len(done)} already done) -> {out}")
+        return {"images": 0, "ok": 0, "failed": 0, "skipped_done": len(done), "seconds": seconds}
     summary(f"caption-dir: {ok + failed} images ({ok} ok, {failed} failed"
             + (f", {len(done)} already done" if done else "") + f") in {seconds:.1f} s, "
             f"{(ok + failed) / max(seconds, 1e-9):.1f} images/s -> {out}")

@@ -47,17 +47,38 @@ class _UserError(click.ClickException):
     exit_code = 2
 
 
+def _os_error_message(e: OSError) -> str:
+    """One line for an OSError that escaped the checks made up front (disk full, permissions changed mid-run)."""
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}" if e.strerror else f"{type(e).__name__}: {e}"
+
+
 class _Group(click.Group):
-    """Turns library errors about the user's input into `Error: ...` and exit code 2."""
+    """Turns library errors about the user's input into `Error: ...` and exit code 2, file system
+    errors at write time into one line too, and Ctrl-C into one line and exit code 130 (the shell's
+    code for SIGINT) instead of click's `Aborted!` and 1."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except TfcapError as e:
             raise _UserError(str(e)) from None
+        except OSError as e:
+            raise _UserError(_os_error_message(e)) from None
+        except KeyboardInterrupt as e:
+            click.echo(f"\n{e}" if str(e) else "\ninterrupted", err=True)
+            raise click.exceptions.Exit(130) from None
+        except Exception as e:
+            tf_errors = getattr(sys.modules.get("tensorflow"), "errors", None)
+            if tf_errors is not None and isinstance(e, (tf_errors.PermissionDeniedError,
+                                                        tf_errors.ResourceExhaustedError)):
+                raise _UserError(str(e).strip().splitlines()[0]) from None
+            raise
 
 
 PathArg = click.Path(path_type=Path)
+_POSITIVE = click.IntRange(min=1)  # a batch or beam of 0 would fail deep inside TensorFlow
+_NON_NEGATIVE = click.FloatRange(min=0)  # a negative length penalty would fail inside a traced function
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -80,8 +101,8 @@ def main():
 @click.option("--val-fraction", type=float, default=0.1, show_default=True, help="Without official splits.")
 @click.option("--test-fraction", type=float, default=0.1, show_default=True, help="Without official splits.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the split by image.")
-@click.option("--shards", type=int, help="Shards per split (default: about --shard-mb each).")
-@click.option("--shard-mb", type=float, default=100.0, show_default=True, help="Target shard size in MB.")
+@click.option("--shards", type=_POSITIVE, help="Shards per split (default: about --shard-mb each).")
+@click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True, help="Target shard size in MB.")
 @click.option("--compression", type=click.Choice(["none", "gzip"]), default="none", show_default=True)
 @click.option("--skip-bad-lines", is_flag=True, help="Skip unparsable caption lines instead of stopping.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
@@ -93,8 +114,10 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
     DATA is a Kaggle Flickr8k folder (captions.txt, Images/), an original Flickr8k folder
     (Flickr8k.token.txt and split files), or omitted with --captions FILE.csv --images DIR.
     """
-    from tfcap import layouts, records, text
+    from tfcap import layouts, outputs, records, text
 
+    outputs.check_output(out, overwrite, {"dataset": data, "captions file": captions_file,
+                                          "images folder": images_dir})
     source = layouts.read_source(data, captions_file=captions_file, images_dir=images_dir, layout=layout,
                                  skip_bad_lines=skip_bad_lines)
     config = records.RecordsConfig(
@@ -155,10 +178,16 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
                   eval_every, eval_images, patience, train_encoder, objective, init_run, samples, baseline, select,
                   seed, cache_dir, resume, overwrite, quiet):
     """Train a captioner on RECORDS (from build-records) into RUN_DIR."""
-    from tfcap import decoder, encoder as encoders, train
+    from tfcap import decoder, encoder as encoders, features, outputs, train
 
     if resume and overwrite:
         raise TfcapError("--resume and --overwrite contradict each other")
+    outputs.refuse_inputs(run_dir, {"records folder": records_dir})
+    if resume or overwrite or not run_dir.exists():  # else train refuses it, saying how to continue
+        outputs.check_writable(run_dir, replace=not resume)
+    cache = cache_dir or features.default_cache_dir(records_dir)
+    if not cache.exists():  # an existing cache may be complete and read-only: found out when it is written
+        outputs.check_writable(cache)
     if alpha is None:
         alpha = (encoder == "mobilenet" and encoders.mobilenet_alpha_of(encoder_weights)) or 1.0
     train.train(
@@ -185,9 +214,9 @@ def _precision_option(f):
 
 def _decoding_options(f):
     f = _precision_option(f)
-    f = click.option("--length-penalty", type=float, default=None,
+    f = click.option("--length-penalty", type=_NON_NEGATIVE, default=None,
                      help="alpha in sum_logp / length**alpha for ranking beams (default 0).")(f)
-    f = click.option("--beam-size", type=int, default=None, help="Beam width; 1 is greedy (default 3).")(f)
+    f = click.option("--beam-size", type=_POSITIVE, default=None, help="Beam width; 1 is greedy (default 3).")(f)
     return click.option("--model", "model_path", type=PathArg, callback=_default_model,
                         help="Run directory from tfcap train, or a SavedModel from tfcap export "
                         "(default: the bundled model, see tfcap models).")(f)
@@ -202,11 +231,13 @@ def _default_model(ctx, param, value):
 
 @main.command("caption-dir")
 @click.argument("images_dir", metavar="IMAGES", type=PathArg)
-@click.option("-o", "--out", type=PathArg, required=True, help="Output CSV (or JSON Lines with --format jsonl).")
+@click.option("-o", "--out", type=PathArg, required=True,
+              help="Output file: CSV, or JSON Lines when it ends in .jsonl (or with --format jsonl).")
 @_decoding_options
-@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True)
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--max-pixels", type=int, default=None, help="Refuse images whose header declares more pixels.")
+@click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
+              help="Output format (default: from the suffix of --out; .jsonl, .ndjson, .json are JSON Lines, else CSV).")
+@click.option("--batch-size", type=_POSITIVE, default=32, show_default=True)
+@click.option("--max-pixels", type=_POSITIVE, default=None, help="Refuse images whose header declares more pixels.")
 @click.option("--no-recursive", is_flag=True, help="Only the top folder.")
 @click.option("--gallery", "gallery_path", type=PathArg, help="Also write an HTML gallery of the results here.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any image failed.")
@@ -221,9 +252,16 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
     config = caption.CaptionConfig(beam_size=beam_size or 3, length_penalty=length_penalty or 0.0,
                                    batch_size=batch_size, max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS,
                                    recursive=not no_recursive)
+    if overwrite and resume:
+        raise TfcapError("--overwrite and --resume contradict each other")
+    fmt = caption.output_format(out, fmt)
+    # Wrong folders and unwritable outputs fail before the model loads.
+    inputs = {"images folder": images_dir, "model": model_path}
+    outputs.check_output(out, overwrite or (resume and out.is_file()), inputs,
+                         hint="--overwrite (or --resume to complete it)", replace=not resume)
     if gallery_path:
-        outputs.refuse_existing(gallery_path, overwrite or resume)
-    caption.find_images(images_dir, config.recursive)  # a wrong folder fails before the model loads
+        outputs.check_output(gallery_path, overwrite or resume, {**inputs, "output": out})
+    caption.find_images(images_dir, config.recursive)
     predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
                                       precision=precision)
     result = caption.caption_directory(predictor, images_dir, out, config, fmt=fmt, overwrite=overwrite,
@@ -260,15 +298,16 @@ def caption_command(image_paths, model_path, beam_size, length_penalty, precisio
 @main.command("export")
 @click.argument("run_dir", metavar="[RUN_DIR]", type=PathArg, required=False, callback=_default_model)
 @click.option("-o", "--out", type=PathArg, required=True, help="SavedModel folder to write.")
-@click.option("--beam-size", type=int, default=3, show_default=True)
-@click.option("--length-penalty", type=float, default=0.0, show_default=True)
+@click.option("--beam-size", type=_POSITIVE, default=3, show_default=True)
+@click.option("--length-penalty", type=_NON_NEGATIVE, default=0.0, show_default=True)
 @_precision_option
 @click.option("--overwrite", is_flag=True)
 def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite):
     """Export RUN_DIR (default: the bundled model) as a SavedModel: image bytes in, captions and scores out."""
-    from tfcap import export
+    from tfcap import export, outputs
     from tfcap.progress import Stopwatch, summary
 
+    outputs.check_output(out, overwrite, {"run directory": run_dir})
     clock = Stopwatch()
     export.export(run_dir, out, beam_size=beam_size, length_penalty=length_penalty, precision=precision,
                   overwrite=overwrite)
@@ -285,9 +324,11 @@ def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, quiet):
     """One self-contained HTML page of thumbnails with their captions, from a caption-dir output."""
+    from tfcap import outputs
     from tfcap.gallery import write_gallery
     from tfcap.progress import summary
 
+    outputs.check_output(out, overwrite, {"predictions file": predictions, "images folder": images_dir})
     s = write_gallery(predictions, images_dir, out, thumb_size=thumb_size, title=title, overwrite=overwrite,
                       progress=not quiet)
     mean = "n/a" if s["mean_score"] is None else f"{s['mean_score']:.3f}"
@@ -301,14 +342,17 @@ def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, 
 @click.option("--predictions", type=PathArg, help="Score an existing caption-dir CSV/JSONL instead.")
 @click.option("--references", type=PathArg, help="With --predictions: a records folder or a dataset/captions file.")
 @click.option("--human-baseline", is_flag=True, help="Score each image's first reference against the others.")
-@click.option("--split", default="test", show_default=True, help="Split to caption or to take references from.")
-@click.option("--beam-size", type=int, default=None, help="Beam width (default 3; fixed for a SavedModel).")
-@click.option("--length-penalty", type=float, default=None)
+@click.option("--split", default=None,
+              help="Split to caption or to take references from (default: test; with --predictions, all splits).")
+@click.option("--beam-size", type=_POSITIVE, default=None, help="Beam width (default 3; fixed for a SavedModel).")
+@click.option("--length-penalty", type=_NON_NEGATIVE, default=None)
 @_precision_option
-@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=_POSITIVE, default=32, show_default=True)
 @click.option("--no-meteor", is_flag=True, help="Skip METEOR (it starts Java: about 15 s).")
-@click.option("-o", "--out", type=PathArg, help="Folder for scores.json and captions_coco.json.")
-@click.option("--overwrite", is_flag=True)
+@click.option("-o", "--out", type=PathArg,
+              help="Folder for scores.json and captions_coco.json (default: RUN_DIR/eval-SPLIT, SAVEDMODEL.eval-SPLIT "
+                   "beside a SavedModel, PREDICTIONS.eval beside the predictions, ./human-baseline-SPLIT).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate_command(records_dir, model_path, predictions, references, human_baseline, split, beam_size,
                      length_penalty, precision, batch_size, no_meteor, out, overwrite, quiet):
@@ -327,16 +371,16 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
         model_path = pretrained.resolve(None)
     elif modes != 1:
         raise TfcapError("give exactly one of --model (with RECORDS), --predictions or --human-baseline")
-    if out is not None:
-        outputs.refuse_existing(out, overwrite)
+    if model_path and records_dir is None:
+        raise TfcapError("--model needs the RECORDS folder to caption")
+    if not predictions:
+        split = split or "test"
+    out = out or evaluate.default_output(model_path=model_path, predictions=predictions, split=split)
+    outputs.check_output(out, overwrite, {"model": model_path, "records folder": records_dir,  # before any work
+                                          "predictions file": predictions, "references": references})
     if model_path:
-        if records_dir is None:
-            raise TfcapError("--model needs the RECORDS folder to caption")
         result = evaluate.run_model(model_path, records_dir, split, beam_size=beam_size, length_penalty=length_penalty,
                                     precision=precision, batch_size=batch_size, meteor=not no_meteor, show_progress=not quiet)
-        # Never write into the installed package: a bundled model's results go to the current folder.
-        out = out or (Path(f"eval-{Path(model_path).name}-{split}") if pretrained.is_bundled(model_path)
-                      else Path(model_path) / f"eval-{split}")
     else:
         refs_path = references or records_dir
         if refs_path is None:
@@ -344,15 +388,13 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
         refs = evaluate.references_from(refs_path, split)
         if human_baseline:
             result = evaluate.human_baseline(refs, split=split, meteor=not no_meteor)
-            out = out or Path(f"human-baseline-{split}")
         else:
             hypotheses, failed = evaluate.predictions_from(predictions)
             result = evaluate.evaluate(refs, hypotheses, split=split, failed=failed, meteor=not no_meteor,
                                        settings={"predictions": str(Path(predictions).resolve()),
                                                  "references": str(Path(refs_path).resolve())})
-            out = out or Path(predictions).with_suffix(".eval")
     click.echo(evaluate.table(result))
-    evaluate.write_results(out, result, overwrite=True)
+    evaluate.write_results(out, result, overwrite=overwrite)
     click.echo(f"scores: {out / 'scores.json'}; COCO results: {out / 'captions_coco.json'}", err=True)
 
 
@@ -376,20 +418,22 @@ def models_command():
 
 @main.command("demo")
 @click.option("-o", "--out", type=PathArg, default=Path("tfcap-demo"), show_default=True, help="Folder for everything.")
-@click.option("--images", type=int, default=None, help="Generated scenes (default 2500).")
-@click.option("--epochs", type=int, default=None, help="Training epochs (default 10).")
+@click.option("--images", type=click.IntRange(min=20), default=None,
+              help="Generated scenes (default 2500; at least 20, so that the held-out split is not empty).")
+@click.option("--epochs", type=_POSITIVE, default=None, help="Training epochs (default 10).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing demo folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def demo_command(out, images, epochs, overwrite, quiet):
     """Generate a captioned dataset, build records, train, caption held-out images, evaluate: offline."""
     import dataclasses
 
-    from tfcap import demo
+    from tfcap import demo, outputs
 
+    outputs.check_output(out, overwrite)
     config = demo.DemoConfig()
-    if images:
+    if images is not None:
         config = dataclasses.replace(config, scenes=dataclasses.replace(config.scenes, images=images))
-    if epochs:
+    if epochs is not None:
         config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=epochs))
     demo.run_demo(out, config, overwrite=overwrite, show_progress=not quiet)
 

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
 import os
 import random
+import sys
 from pathlib import Path
 
 import keras
@@ -199,8 +201,13 @@ def _fetch_imagenet(config: EncoderConfig) -> Path:
     models_dir = os.path.join(home if os.access(home, os.W_OK) else "/tmp/.keras", "models")
     if config.name in LITE:
         return _convert_lite(config.name, Path(models_dir) / fname)
+    chatter = io.StringIO()  # Keras prints "Downloading data from URL" on stdout, even when that fails
     try:
-        return Path(keras.utils.get_file(fname, url, cache_subdir="models", file_hash=md5, cache_dir=home))
+        with contextlib.redirect_stdout(chatter):
+            path = Path(keras.utils.get_file(fname, url, cache_subdir="models", file_hash=md5, cache_dir=home))
+        if chatter.getvalue():
+            print(f"downloaded ImageNet weights {fname} into {path.parent}", file=sys.stderr)
+        return path
     except Exception as e:  # URLError wrapped in Exception, HTTP errors, hash mismatch: all "get the file"
         raise TfcapError(f"could not download ImageNet weights for {config.name} (offline?): put {fname} in "
                          f"{models_dir}/ (from {url}), or pass --encoder-weights PATH, "

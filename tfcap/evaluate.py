@@ -39,6 +39,8 @@ class Evaluation:
 def references_from(source: Path, split: str | None) -> dict[str, list[str]]:
     """Image id -> reference captions, from a records folder or a dataset in any build-records layout."""
     source = Path(source)
+    if not source.exists():
+        raise TfcapError(f"references {source} do not exist (a records folder or a dataset)")
     if (source / records.MANIFEST).is_file():
         splits = [split] if split else list(records.read_manifest(source)["splits"])
         return {ex["image_id"].decode(): [c.decode("utf-8") for c in ex["captions"]]
@@ -68,6 +70,25 @@ def predictions_from(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     ok = {r["path"]: r["caption"] for r in rows if not r.get("error")}
     failed = {r["path"]: r["error"] for r in rows if r.get("error")}
     return ok, failed
+
+
+def default_output(*, model_path: Path | None = None, predictions: Path | None = None, split: str | None) -> Path:
+    """Where `tfcap evaluate` writes without -o: RUN_DIR/eval-SPLIT; SAVEDMODEL.eval-SPLIT beside a
+    SavedModel (never inside it); ./eval-NAME-SPLIT for a bundled model (never inside the installed
+    package); PREDICTIONS.eval beside the predictions; ./human-baseline-SPLIT."""
+    from tfcap import pretrained
+
+    if model_path is not None:
+        model_path = Path(model_path)
+        if pretrained.is_bundled(model_path):
+            return Path(f"eval-{model_path.name}-{split}")
+        if (model_path / "saved_model.pb").is_file():
+            model_path = model_path.resolve()  # "." has no name to add to
+            return model_path.with_name(f"{model_path.name}.eval-{split}")
+        return model_path / f"eval-{split}"
+    if predictions is not None:
+        return Path(predictions).with_suffix(".eval")
+    return Path(f"human-baseline-{split}")
 
 
 def caption_split(predictor, records_dir: Path, split: str, batch_size: int = 32,
@@ -129,10 +150,12 @@ def human_baseline(references: dict[str, list[str]], *, split: str | None = None
 def table(result: Evaluation) -> str:
     """The scores as a small text table, with the bookkeeping under it."""
     lines = [f"{'metric':<10} {'score':>8}"]
+    skipped = result.scores.get("meteor_unavailable") == metrics.METEOR_DISABLED  # asked for: not a problem
     for key in metrics.METRIC_KEYS:
         value = result.scores.get(key)
-        lines.append(f"{key:<10} {value:>8.4f}" if value is not None else f"{key:<10} {'n/a':>8}")
-    if result.scores.get("meteor_unavailable"):
+        missing = "skipped" if key == "METEOR" and skipped else "n/a"
+        lines.append(f"{key:<10} {value:>8.4f}" if value is not None else f"{key:<10} {missing:>8}")
+    if result.scores.get("meteor_unavailable") and not skipped:
         lines.append(f"METEOR unavailable: {result.scores['meteor_unavailable']}")
     lines.append(f"images scored: {result.images_scored}" + (f" (split {result.split})" if result.split else ""))
     for label, items in (("predictions without references", result.without_references),
@@ -160,6 +183,7 @@ def run_model(model_path: Path, records_dir: Path, split: str, *, beam_size: int
     """Caption a records split with a run directory or SavedModel and score it."""
     from tfcap.export import load_predictor
 
+    records.shard_paths(records_dir, split)  # a wrong folder or split fails before the model loads
     predictor = load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty, precision=precision)
     clock = Stopwatch()
     hypotheses = caption_split(predictor, records_dir, split, batch_size, show_progress)

@@ -68,6 +68,7 @@ def _read_csv(path: Path, skip_bad_lines: bool) -> tuple[dict[str, list[str]], d
     captions: dict[str, list[str]] = {}
     splits: dict[str, str] = {}
     bad: list[str] = []
+    start = 1  # line where the row being read starts: a quoted field may span lines
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -78,9 +79,14 @@ def _read_csv(path: Path, skip_bad_lines: bool) -> tuple[dict[str, list[str]], d
                                  f"and a caption column, got {','.join(header) or 'nothing'}")
             caption_col = header.index("caption")
             split_col = header.index("split") if "split" in header else None
+            start = reader.line_num + 1
             for row in reader:
-                where = f"{path}:{reader.line_num}"
+                where, start = f"{path}:{start}", reader.line_num + 1
                 if not any(cell.strip() for cell in row):
+                    continue
+                if any("\n" in cell or "\r" in cell for cell in row):  # no caption spans lines
+                    _bad_line(where, f"unclosed quote: the field runs on to line {reader.line_num}",
+                              skip_bad_lines, bad)
                     continue
                 if len(row) != len(header):
                     _bad_line(where, f"expected {len(header)} fields, got {len(row)}", skip_bad_lines, bad)
@@ -100,7 +106,7 @@ def _read_csv(path: Path, skip_bad_lines: bool) -> tuple[dict[str, list[str]], d
     except UnicodeDecodeError as e:
         raise TfcapError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
-        raise TfcapError(f"{path}: malformed CSV: {e}") from None
+        raise TfcapError(f"{path}:{start}: malformed CSV: {e}") from None
     return captions, splits, bad
 
 
@@ -193,10 +199,12 @@ def read_source(data: Path | None, *, captions_file: Path | None = None, images_
         official = _find_official_splits(text_dir)
         return Source("original", text_dir / TOKEN_FILE, _need_dir(images_dir, "images folder"), captions,
                       official or {}, "official" if official else "hash", bad)
-    wanted = {"auto": "any known layout", "kaggle": "the kaggle layout",
-              "original": "the original layout"}.get(layout, layout)
-    raise TfcapError(f"{data} matches {wanted}: expected captions.txt + Images/ (kaggle), "
-                     f"{TOKEN_FILE} (original), or use --captions FILE.csv --images DIR")
+    looks_for = {"kaggle": "kaggle: captions.txt and Images/ in DATA",
+                 "original": f"original: {TOKEN_FILE} in DATA or DATA/Flickr8k_text/"}
+    tried = list(looks_for) if layout == "auto" else [layout]
+    raise TfcapError(f"{data}: {'no known layout matches' if layout == 'auto' else f'not the {layout} layout'} ("
+                     f"{'; '.join(looks_for[t] for t in tried if t in looks_for)}); "
+                     "for another captions CSV use --captions FILE.csv --images DIR")
 
 
 def _hash_rank(image_id: str, seed: int) -> bytes:

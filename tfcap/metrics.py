@@ -455,6 +455,9 @@ class TokenCiderD:
 # ---------------------------------------------------------------------------------------------
 # METEOR: only through pycocoevalcap's Java jar.
 
+METEOR_DISABLED = "disabled by the caller"  # the reason when meteor=False: a choice, not a problem
+
+
 def meteor_unavailable_reason() -> str | None:
     """Why METEOR cannot run here (Java or pycocoevalcap's jar/data missing), or None."""
     if shutil.which("java") is None:
@@ -529,7 +532,7 @@ def score_captions(references: Mapping[Hashable, Sequence[str]], hypotheses: Map
     refs = {i: [ptb_tokenize(r) for r in rs] for i, (_, rs) in enumerate(pairs)}
     hyps = {i: ptb_tokenize(h) for i, (h, _) in enumerate(pairs)}
     scores: dict[str, float | str | None] = dict(zip(BLEU_KEYS, score_bleu(refs, hyps)[0]))
-    scores["METEOR"], reason = score_meteor(refs, hyps) if meteor else (None, "disabled by the caller")
+    scores["METEOR"], reason = score_meteor(refs, hyps) if meteor else (None, METEOR_DISABLED)
     scores["ROUGE-L"] = score_rouge_l(refs, hyps)[0]
     scores["CIDEr-D"] = score_cider_d(refs, hyps)[0]
     if reason:

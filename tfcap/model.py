@@ -118,7 +118,13 @@ def read_run_config(run_dir: Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise TfcapError(f"{run_dir} is not a tfcap run directory (no {CONFIG}); train one with tfcap train")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TfcapError(f"{path} is damaged ({e}); train again or restore it") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise TfcapError(f"{path} is damaged (no model settings); train again or restore it")
+    return config
 
 
 def load_vocabulary_checked(run_dir: Path, config: ModelConfig) -> text.Vocabulary:
@@ -140,8 +146,12 @@ def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision:
     see encoder.fold_batch_norm): for captioning and export.
     """
     run_dir = Path(run_dir)
-    saved = read_run_config(run_dir)
-    config = ModelConfig.from_dict(saved["model"])
+    try:
+        saved = read_run_config(run_dir)
+        config = ModelConfig.from_dict(saved["model"])
+    except (KeyError, TypeError) as e:
+        raise TfcapError(f"{run_dir / CONFIG} does not describe a model this tfcap builds ({type(e).__name__}: "
+                         f"{e}); train again or restore it") from None
     vocab = load_vocabulary_checked(run_dir, config)
     # A bundled model (tfcap.pretrained) whose encoder kept its ImageNet weights ships without them:
     # they come from the Keras cache (or the package they are converted from), as in training.

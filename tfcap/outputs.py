@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +17,63 @@ def refuse_existing(path: Path, overwrite: bool, hint: str = "--overwrite") -> N
     """Raise TfcapError if `path` exists and the user did not ask to replace it."""
     if path.exists() and not overwrite:
         raise TfcapError(f"{path} already exists; pass {hint} to replace it")
+
+
+def check_writable(path: Path, replace: bool = True) -> None:
+    """Raise TfcapError `cannot write PATH: reason` unless `path` (a file or folder) can be written.
+
+    Called before any long work, so a bad output fails in a second, not after the model loads. It
+    tries for real: a probe file is created and removed where the output will go (the nearest
+    existing folder, or inside an existing output folder), because permission bits say nothing
+    for root, a read-only mount or an immutable (`chattr +i`) folder. An existing file must open
+    for appending; with `replace`, the folder holding an existing output must take the temporary
+    name and rename it.
+    """
+    path = Path(path)
+
+    def fail(reason: str) -> None:
+        raise TfcapError(f"cannot write {path}: {reason}")
+
+    existing = path
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        fail(f"{existing} is not a directory")
+    if existing != path:
+        folders = [existing]
+    elif path.is_dir():
+        folders = [path, path.parent] if replace else [path]
+    else:
+        try:
+            open(path, "ab").close()  # existing file: neither created nor changed
+        except OSError as e:
+            fail(e.strerror or str(e))
+        folders = [path.parent] if replace else []
+    for folder in folders:
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".tfcap-probe-", dir=folder)
+            os.close(handle)
+            os.unlink(probe)
+        except OSError as e:
+            fail(f"cannot create files in {folder} ({e.strerror or e})")
+
+
+def refuse_inputs(out: Path, inputs: dict[str, Path | None]) -> None:
+    """Raise TfcapError if writing `out` would replace one of `inputs` ({what: path}): `out` is an
+    input, or a folder holding one (replacing it with --overwrite would delete the input)."""
+    target = Path(out).resolve()
+    for what, path in inputs.items():
+        if path is not None and (Path(path).resolve() == target or target in Path(path).resolve().parents):
+            raise TfcapError(f"{out} would replace the {what} {path}: choose another output")
+
+
+def check_output(out: Path, overwrite: bool, inputs: dict[str, Path | None] | None = None, *,
+                 hint: str = "--overwrite", replace: bool = True) -> None:
+    """Everything known about an output before the work starts: it replaces no input, it does not
+    exist unless `overwrite`, and it can be written (`check_writable`)."""
+    refuse_inputs(out, inputs or {})
+    refuse_existing(Path(out), overwrite, hint)
+    check_writable(out, replace)
 
 
 def _remove(path: Path) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfcap import decoder as decoders, encoder as encoders, features, inputs, metrics, model as models, records, scst, text
-from tfcap.errors import TfcapError
+from tfcap.errors import Interrupted, TfcapError
 from tfcap.progress import Stopwatch, summary
 
 CHECKPOINTS = "checkpoints"
@@ -252,9 +252,8 @@ class _Trainer:
                         bar.update(1, f"loss {loss:.3f} {token_sum / epoch_clock.seconds:,.0f} tok/s")
             except KeyboardInterrupt:
                 path = self.manager.save(checkpoint_number=int(self.global_step))
-                click.echo(f"\ninterrupted: checkpoint {path} saved at epoch {epoch + 1}, step "
-                           f"{int(self.step_in_epoch)}; continue with --resume", err=True)
-                raise
+                raise Interrupted(f"interrupted: checkpoint {path} saved at epoch {epoch + 1}, step "
+                                  f"{int(self.step_in_epoch)}; continue with --resume") from None
             finally:
                 if bar:
                     bar.__exit__(None, None, None)
@@ -399,7 +398,7 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
     if not (run_dir / models.DECODER_WEIGHTS).exists():
         trainer.save_best()
     best = "BLEU-4" if train_config.select == "bleu4" else "CIDEr-D"
-    summary(f"train: {result['epochs']} epochs in {result['seconds']:.1f} s"
+    summary(f"train: {result['epochs']} epoch{'' if result['epochs'] == 1 else 's'} in {result['seconds']:.1f} s"
             + (f", last {result.get('tokens_per_s', 0):,.0f} tokens/s" if "tokens_per_s" in result else "")
             + (f", last {result.get('samples_per_s', 0):,.0f} samples/s" if "samples_per_s" in result else "")
             + (f", best val {best} {result['best_score']:.4f}" if train_config.eval_every else "")
