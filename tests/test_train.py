@@ -226,3 +226,46 @@ def test_mixed_float16_trains_with_loss_scaling(tiny_records, tmp_path):
     pixels = captioner.preprocess_bytes(tf.constant(tile(0)))[None]
     _, scores = captioner.caption_features(captioner.features(pixels), beam_size=2)
     assert scores.dtype == tf.float32 and np.isfinite(scores.numpy()).all()
+
+
+def interrupt_after(monkeypatch, steps: int) -> None:
+    """Make the next run raise KeyboardInterrupt right after its `steps`-th train step returns, as a
+    Ctrl-C does: Python handles the signal once the step's graph has run (the batch is applied)."""
+    real_init, calls = train._Trainer.__init__, {"n": 0}
+
+    def init_with_interrupt(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        step = self.train_step
+
+        def step_then_interrupt(*step_args):
+            out = step(*step_args)
+            calls["n"] += 1
+            if calls["n"] == steps:
+                raise KeyboardInterrupt
+            return out
+
+        self.train_step = step_then_interrupt
+
+    monkeypatch.setattr(train._Trainer, "__init__", init_with_interrupt)
+
+
+def test_ctrl_c_after_an_applied_step_then_resume_is_bit_identical(tiny_records, tmp_path, monkeypatch):
+    """The batch Ctrl-C lands after is counted, so --resume does not train it twice; the resumed
+    epoch's metrics line covers the whole epoch, as in an uninterrupted run."""
+    kwargs = dict(epochs=2, kind="attention")  # 64 captions, 8 per step: 8 steps per epoch
+    fit(tiny_records, tmp_path / "straight", tmp_path / "cache", **kwargs)
+    interrupt_after(monkeypatch, 11)  # mid-way through epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_records, tmp_path / "resumed", tmp_path / "cache", **kwargs)
+    monkeypatch.undo()
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # as if killed between a line and its checkpoint
+        f.write(json.dumps({"epoch": 2, "loss": 0.0}) + "\n")
+    train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tmp_path / "cache", show_progress=False)
+
+    straight, resumed = model.load_model(tmp_path / "straight"), model.load_model(tmp_path / "resumed")
+    for a, b in zip(straight.decoder.weights, resumed.decoder.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    timing = ("tokens_per_s", "epoch_seconds")
+    want, got = ([{k: v for k, v in e.items() if k not in timing} for e in epochs_logged(tmp_path / r)]
+                 for r in ("straight", "resumed"))
+    assert got == want and got[1]["steps"] == 8

@@ -12,8 +12,9 @@ step. A CNN trained from scratch (weights "none") uses batch statistics in Batch
 one keeps its moving statistics (Keras' fine-tuning advice: small batches would wreck them).
 
 Resuming is exact: batches are a pure function of (seed, epoch), dropout is seeded by the global
-step, and the checkpoint records the step within the epoch, so an interrupted run continues with
-the very batch it would have trained on next.
+step, and the checkpoint records the step within the epoch (counted inside the train step's graph,
+with the update) and the epoch's running loss, token and time sums, so an interrupted run continues
+with the very batch it would have trained on next and its epoch's metrics line covers the whole epoch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import tensorflow as tf
 
 from tfcap import decoder as decoders, encoder as encoders, features, inputs, metrics, model as models, records, text
 from tfcap.errors import TfcapError
+from tfcap.outputs import write_text_atomic
 from tfcap.progress import Stopwatch, summary
 
 CHECKPOINTS = "checkpoints"
@@ -117,10 +119,17 @@ class _Trainer:
         self.global_step = tf.Variable(0, dtype=tf.int64, name="global_step")
         self.best_score = tf.Variable(-np.inf, dtype=tf.float64, name="best_score")
         self.bad_evals = tf.Variable(0, dtype=tf.int64, name="bad_evals")
+        # The epoch's running sums, checkpointed so that a resumed epoch's metrics cover all of it.
+        self.loss_sum = tf.Variable(0.0, dtype=tf.float64, name="loss_sum")  # sum of loss * tokens
+        self.token_sum = tf.Variable(0.0, dtype=tf.float64, name="token_sum")
+        self.first_loss = tf.Variable(np.nan, dtype=tf.float64, name="first_loss")
+        self.epoch_seconds = tf.Variable(0.0, dtype=tf.float64, name="epoch_seconds")  # training time so far
         trained = {"decoder": self.decoder, **({"encoder": self.encoder.model} if self.train_encoder else {})}
         self.checkpoint = tf.train.Checkpoint(**trained, optimizer=self.optimizer, epoch=self.epoch,
                                               step_in_epoch=self.step_in_epoch, global_step=self.global_step,
-                                              best_score=self.best_score, bad_evals=self.bad_evals)
+                                              best_score=self.best_score, bad_evals=self.bad_evals,
+                                              loss_sum=self.loss_sum, token_sum=self.token_sum,
+                                              first_loss=self.first_loss, epoch_seconds=self.epoch_seconds)
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(run_dir / CHECKPOINTS), max_to_keep=2)
         self.train_step = tf.function(self._train_step, reduce_retracing=True)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
@@ -145,6 +154,13 @@ class _Trainer:
             scaled = self.optimizer.scale_loss(total)
         gradients = tape.gradient(scaled, self.variables)
         self.optimizer.apply(gradients, self.variables)
+        # Counted in the same graph as the update: Ctrl-C reaches Python only between steps, so a
+        # checkpoint never holds an applied batch that is not counted (--resume would train it twice).
+        loss64, tokens64 = tf.cast(loss, tf.float64), tf.cast(tokens, tf.float64)
+        self.first_loss.assign(tf.where(self.step_in_epoch == 0, loss64, self.first_loss))
+        self.loss_sum.assign_add(loss64 * tokens64)
+        self.token_sum.assign_add(tokens64)
+        self.step_in_epoch.assign_add(1)
         self.global_step.assign_add(1)
         return loss, tokens
 
@@ -204,8 +220,7 @@ class _Trainer:
             epoch, skip = int(self.epoch), int(self.step_in_epoch)
             batches = self.batches(train_features, shuffle=True, epoch=epoch,
                                    captions_per_image=self.config.captions_per_image).skip(skip)
-            epoch_clock, loss_sum, token_sum, seen = Stopwatch(), 0.0, 0.0, 0
-            first_loss = None
+            epoch_clock, session_tokens = Stopwatch(), 0.0
             label = f"epoch {epoch + 1}/{self.config.epochs}"
             bar = click.progressbar(length=steps_per_epoch, label=label, file=sys.stderr, show_pos=True,
                                     item_show_func=lambda s: s, width=24) if show_progress else None
@@ -215,13 +230,11 @@ class _Trainer:
                     bar.update(skip)
                 for batch in batches:
                     loss, tokens = self.train_step(*batch)
-                    self.step_in_epoch.assign_add(1)
-                    loss, tokens = float(loss), float(tokens)
-                    first_loss = loss if first_loss is None else first_loss
-                    loss_sum, token_sum, seen = loss_sum + loss * tokens, token_sum + tokens, seen + 1
                     if bar:
-                        bar.update(1, f"loss {loss:.3f} {token_sum / epoch_clock.seconds:,.0f} tok/s")
+                        session_tokens += float(tokens)
+                        bar.update(1, f"loss {float(loss):.3f} {session_tokens / epoch_clock.seconds:,.0f} tok/s")
             except KeyboardInterrupt:
+                self.epoch_seconds.assign_add(epoch_clock.seconds)
                 path = self.manager.save(checkpoint_number=int(self.global_step))
                 click.echo(f"\ninterrupted: checkpoint {path} saved at epoch {epoch + 1}, step "
                            f"{int(self.step_in_epoch)}; continue with --resume", err=True)
@@ -229,10 +242,13 @@ class _Trainer:
             finally:
                 if bar:
                     bar.__exit__(None, None, None)
-            seconds = epoch_clock.seconds
-            record = {"epoch": epoch + 1, "loss": loss_sum / max(token_sum, 1.0), "first_batch_loss": first_loss,
+            seconds = float(self.epoch_seconds) + epoch_clock.seconds  # over all sessions of this epoch
+            token_sum, first_loss = float(self.token_sum), float(self.first_loss)
+            record = {"epoch": epoch + 1, "loss": float(self.loss_sum) / max(token_sum, 1.0),
+                      "first_batch_loss": None if math.isnan(first_loss) else first_loss,
                       "val_loss": self.validation_loss(val_features), "learning_rate": self.learning_rate(),
-                      "tokens_per_s": token_sum / max(seconds, 1e-9), "epoch_seconds": seconds, "steps": seen}
+                      "tokens_per_s": token_sum / max(seconds, 1e-9), "epoch_seconds": seconds,
+                      "steps": int(self.step_in_epoch)}
             improved = False
             if self.config.eval_every and (epoch + 1) % self.config.eval_every == 0:
                 record["val_bleu4"] = self.bleu4(val_features)
@@ -260,6 +276,9 @@ class _Trainer:
                        err=True)
             self.epoch.assign_add(1)
             self.step_in_epoch.assign(0)
+            for total in (self.loss_sum, self.token_sum, self.epoch_seconds):
+                total.assign(0.0)
+            self.first_loss.assign(np.nan)
             self.manager.save(checkpoint_number=int(self.global_step))
             last = record
             if self.config.patience and int(self.bad_evals) >= self.config.patience:
@@ -267,6 +286,17 @@ class _Trainer:
                 break
         writer.close()
         return {"epochs": int(self.epoch), "seconds": clock.seconds, "best_score": float(self.best_score), **last}
+
+
+def _forget_unsaved_epochs(metrics_file: Path, completed: int) -> None:
+    """Drop the metrics lines of epochs after the checkpoint's (killed between its line and its
+    checkpoint): the resumed run writes them again, so each epoch has one line."""
+    if not metrics_file.exists():
+        return
+    lines = metrics_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["epoch"] <= completed]
+    if kept != lines:
+        write_text_atomic(metrics_file, "".join(kept))
 
 
 def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderConfig = encoders.EncoderConfig(),
@@ -327,6 +357,7 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
         if latest is None:
             raise TfcapError(f"{run_dir} has no checkpoint to resume from")
         trainer.checkpoint.restore(latest).assert_existing_objects_matched()
+        _forget_unsaved_epochs(run_dir / METRICS, int(trainer.epoch))
         click.echo(f"resuming {run_dir} at epoch {int(trainer.epoch) + 1}, step {int(trainer.step_in_epoch)}",
                    err=True)
     result = trainer.fit(train_features, val_features, steps_per_epoch, show_progress)
