@@ -251,7 +251,8 @@ def interrupt_after(monkeypatch, steps: int) -> None:
 
 def test_ctrl_c_after_an_applied_step_then_resume_is_bit_identical(tiny_records, tmp_path, monkeypatch):
     """The batch Ctrl-C lands after is counted, so --resume does not train it twice; the resumed
-    epoch's metrics line covers the whole epoch, as in an uninterrupted run."""
+    epoch's metrics line covers the whole epoch, as in an uninterrupted run; the resumed run reuses
+    the feature cache although its encoder comes from RUN_DIR/encoder.weights.h5."""
     kwargs = dict(epochs=2, kind="attention")  # 64 captions, 8 per step: 8 steps per epoch
     fit(tiny_records, tmp_path / "straight", tmp_path / "cache", **kwargs)
     interrupt_after(monkeypatch, 11)  # mid-way through epoch 2
@@ -260,6 +261,7 @@ def test_ctrl_c_after_an_applied_step_then_resume_is_bit_identical(tiny_records,
     monkeypatch.undo()
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # as if killed between a line and its checkpoint
         f.write(json.dumps({"epoch": 2, "loss": 0.0}) + "\n")
+    monkeypatch.setattr(images, "decode_rgb", lambda data: pytest.fail("--resume re-encoded cached images"))
     train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tmp_path / "cache", show_progress=False)
 
     straight, resumed = model.load_model(tmp_path / "straight"), model.load_model(tmp_path / "resumed")
@@ -269,3 +271,21 @@ def test_ctrl_c_after_an_applied_step_then_resume_is_bit_identical(tiny_records,
     want, got = ([{k: v for k, v in e.items() if k not in timing} for e in epochs_logged(tmp_path / r)]
                  for r in ("straight", "resumed"))
     assert got == want and got[1]["steps"] == 8
+
+
+def test_resumed_encoder_keeps_the_feature_key_of_its_weights_only_while_they_are_unchanged(tmp_path):
+    import dataclasses
+
+    from tfcap.outputs import sha256_file
+
+    original = encoder.build_encoder(TINY_ENCODER)
+    copy = tmp_path / "encoder.weights.h5"
+    original.model.save_weights(str(copy))
+    saved = {"id": original.weights_id, "file_sha256": sha256_file(copy)}
+    config = dataclasses.replace(TINY_ENCODER, weights=str(copy))
+    assert train._resumed_encoder(config, "float32", saved).feature_key == original.feature_key
+    assert train._resumed_encoder(config, "float32", None).feature_key != original.feature_key  # older runs
+    kernel = original.model.weights[0]
+    kernel.assign(kernel + 1.0)  # other weights in the file: other features, another key
+    original.model.save_weights(str(copy))
+    assert train._resumed_encoder(config, "float32", saved).feature_key != original.feature_key

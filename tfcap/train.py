@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from tfcap import decoder as decoders, encoder as encoders, features, inputs, metrics, model as models, records, text
 from tfcap.errors import TfcapError
-from tfcap.outputs import write_text_atomic
+from tfcap.outputs import sha256_file, write_text_atomic
 from tfcap.progress import Stopwatch, summary
 
 CHECKPOINTS = "checkpoints"
@@ -288,6 +288,16 @@ class _Trainer:
         return {"epochs": int(self.epoch), "seconds": clock.seconds, "best_score": float(self.best_score), **last}
 
 
+def _resumed_encoder(config: encoders.EncoderConfig, precision: str, saved_weights: dict | None) -> encoders.Encoder:
+    """The run's encoder from RUN_DIR/encoder.weights.h5. While that file is the one training
+    started with (sha256 in config.json), its weights are the original ones, so it keeps their id
+    and the feature cache built from them serves (a copy has another sha256, the same features)."""
+    encoder = encoders.build_encoder(config, precision)
+    if saved_weights and sha256_file(config.weights) == saved_weights["file_sha256"]:
+        encoder = encoders.Encoder(encoder.config, encoder.model, encoder.precision, saved_weights["id"])
+    return encoder
+
+
 def _forget_unsaved_epochs(metrics_file: Path, completed: int) -> None:
     """Drop the metrics lines of epochs after the checkpoint's (killed between its line and its
     checkpoint): the resumed run writes them again, so each epoch has one line."""
@@ -320,7 +330,7 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
             raise TfcapError(f"{records_dir} has a different vocabulary from the one {run_dir} was trained on "
                              f"({vocab.sha256[:12]} vs {model_config.vocab_sha256[:12]})")
         encoder_config = dataclasses.replace(model_config.encoder, weights=str(run_dir / models.ENCODER_WEIGHTS))
-        encoder = encoders.build_encoder(encoder_config, model_config.precision)
+        encoder = _resumed_encoder(encoder_config, model_config.precision, saved.get("encoder_weights"))
     else:
         if run_dir.exists() and any(run_dir.iterdir()):
             if not overwrite:
