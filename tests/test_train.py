@@ -289,3 +289,24 @@ def test_resumed_encoder_keeps_the_feature_key_of_its_weights_only_while_they_ar
     kernel.assign(kernel + 1.0)  # other weights in the file: other features, another key
     original.model.save_weights(str(copy))
     assert train._resumed_encoder(config, "float32", saved).feature_key != original.feature_key
+
+
+def test_resume_with_more_epochs_extends_the_run_and_refuses_other_changed_options(tiny_records, tmp_path):
+    run = tmp_path / "run"
+    fit(tiny_records, run, tmp_path / "cache", epochs=2, lr_schedule="cosine", learning_rate=0.01)
+    resume = ["train", str(tiny_records), "-o", str(run), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--resume"]
+    result = CliRunner().invoke(main, resume + ["--decoder", "attention", "--epochs", "3"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "--decoder attention differs from the merge" in result.output
+    # Options given again with their saved values (--seed 1, --batch-size 8) do not differ.
+    result = CliRunner().invoke(main, resume + ["--epochs", "3", "--seed", "1", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    log = epochs_logged(run)
+    assert [e["epoch"] for e in log] == [1, 2, 3]
+    # The schedule still spans the 2 epochs the run began with: the third runs at the cosine's floor.
+    assert log[2]["learning_rate"] == pytest.approx(0.1 * 0.01) and log[1]["learning_rate"] == pytest.approx(0.001)
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert saved["epochs"] == 3 and saved["schedule_epochs"] == 2
+    result = CliRunner().invoke(main, resume)  # done: says so, trains nothing
+    assert result.exit_code == 0 and "finished its 3 epochs; nothing to train" in result.output
+    assert len(epochs_logged(run)) == 3

@@ -59,6 +59,9 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto | float32 | mixed_float16 | mixed_bfloat16
     train_encoder: bool = False  # train the CNN too; then batch_size counts images, each with all its captions
+    # Epochs the LR schedule spans; None: `epochs`. `--resume --epochs N` keeps the original span, so
+    # the epochs trained so far are unchanged and those beyond it run at the cosine's floor.
+    schedule_epochs: int | None = None
 
     def __post_init__(self):
         if self.captions_per_image not in ("one", "all"):
@@ -67,6 +70,8 @@ class TrainConfig:
             raise TfcapError("--lr-schedule must be cosine or constant")
         if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
             raise TfcapError("--epochs, --batch-size and --learning-rate must be positive")
+        if self.schedule_epochs is not None and self.schedule_epochs < 1:
+            raise TfcapError("schedule_epochs must be positive")
 
 
 def masked_cross_entropy(targets: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -298,6 +303,43 @@ def _resumed_encoder(config: encoders.EncoderConfig, precision: str, saved_weigh
     return encoder
 
 
+# Settings whose option is not "--" + the field name with dashes.
+_OPTION_NAMES = {"encoder.name": "--encoder", "encoder.weights": "--encoder-weights", "decoder.kind": "--decoder"}
+
+
+def _resumed_train_config(run_dir: Path, saved: dict, given: dict) -> TrainConfig:
+    """The run's saved TrainConfig, extended to `given["train.epochs"]` if that is given.
+
+    Args:
+      saved: the run's config.json.
+      given: the settings given again with --resume, as "section.field" -> value, section one of
+        encoder, decoder, train (e.g. {"decoder.kind": "merge"}). Any but train.epochs that differs
+        from the saved one raises TfcapError naming its option.
+    """
+    train_config = TrainConfig(**saved["train"])
+    sections = {"encoder": saved["model"]["encoder"], "decoder": saved["model"]["decoder"], "train": saved["train"]}
+    for key, value in given.items():
+        section, field = key.split(".")
+        had = sections[section].get(field)
+        if key == "train.epochs" or value == had:
+            continue
+        if key == "encoder.image_size" and had is None and value == encoders.EncoderConfig(**sections["encoder"]).size:
+            continue
+        if key == "train.precision" and value == saved["model"]["precision"]:  # "auto" resolved to it
+            continue
+        if key == "encoder.weights" and Path(str(value)).is_file() and Path(str(had)).is_file() \
+                and Path(str(value)).resolve() == Path(str(had)).resolve():
+            continue
+        option = _OPTION_NAMES.get(key, "--" + field.replace("_", "-"))
+        raise TfcapError(f"{option} {value} differs from the {had} that {run_dir} was trained with: --resume keeps "
+                         "a run's settings but --epochs; train a new run (another -o) to change it")
+    epochs = given.get("train.epochs", train_config.epochs)
+    if epochs != train_config.epochs:
+        train_config = dataclasses.replace(train_config, epochs=epochs,
+                                           schedule_epochs=train_config.schedule_epochs or train_config.epochs)
+    return train_config
+
+
 def _forget_unsaved_epochs(metrics_file: Path, completed: int) -> None:
     """Drop the metrics lines of epochs after the checkpoint's (killed between its line and its
     checkpoint): the resumed run writes them again, so each epoch has one line."""
@@ -312,12 +354,15 @@ def _forget_unsaved_epochs(metrics_file: Path, completed: int) -> None:
 def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderConfig = encoders.EncoderConfig(),
           decoder_config: decoders.DecoderConfig = decoders.DecoderConfig(),
           train_config: TrainConfig = TrainConfig(), cache_dir: Path | None = None, resume: bool = False,
-          overwrite: bool = False, show_progress: bool = True) -> dict:
+          overwrite: bool = False, show_progress: bool = True, given: dict | None = None) -> dict:
     """Train a captioner on RECORDS into RUN_DIR; return the final epoch's metrics and totals.
 
-    With `resume`, the configuration saved in RUN_DIR is used (the arguments are ignored, except
-    that the records must be the ones it was trained on) and training continues from the last
-    checkpoint.
+    With `resume`, the configuration saved in RUN_DIR is used (the config arguments are ignored;
+    the records must be the ones it was trained on) and training continues from the last
+    checkpoint. `given` holds the settings the user gave again ("section.field" -> value, see
+    `_resumed_train_config`): `{"train.epochs": N}` extends (or shortens) the run, with the LR
+    schedule still spanning the run's original epochs (beyond them the cosine stays at its floor,
+    10% of the learning rate, instead of rising again); any other that differs is refused.
     """
     records_dir, run_dir = Path(records_dir), Path(run_dir)
     manifest = records.read_manifest(records_dir)
@@ -325,7 +370,7 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
     if resume:
         saved = models.read_run_config(run_dir)
         model_config = models.ModelConfig.from_dict(saved["model"])
-        train_config = TrainConfig(**saved["train"])
+        train_config = _resumed_train_config(run_dir, saved, given or {})
         if model_config.vocab_sha256 != vocab.sha256:
             raise TfcapError(f"{records_dir} has a different vocabulary from the one {run_dir} was trained on "
                              f"({vocab.sha256[:12]} vs {model_config.vocab_sha256[:12]})")
@@ -361,13 +406,23 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
             "records": {"path": str(records_dir.resolve()), "vocab_sha256": manifest["vocab_sha256"],
                         "train_images": manifest["splits"]["train"]["images"]}})
     steps_per_epoch = _steps_per_epoch(manifest, "train", train_config)
-    trainer = _Trainer(captioner, train_config, steps_per_epoch * train_config.epochs, run_dir)
+    trainer = _Trainer(captioner, train_config, steps_per_epoch * (train_config.schedule_epochs or train_config.epochs),
+                       run_dir)
     if resume:
         latest = trainer.manager.latest_checkpoint
         if latest is None:
             raise TfcapError(f"{run_dir} has no checkpoint to resume from")
         trainer.checkpoint.restore(latest).assert_existing_objects_matched()
         _forget_unsaved_epochs(run_dir / METRICS, int(trainer.epoch))
+        if dataclasses.asdict(train_config) != saved["train"]:  # --epochs changed: the run's config says so
+            write_text_atomic(run_dir / models.CONFIG,
+                              json.dumps({**saved, "train": dataclasses.asdict(train_config)}, indent=2) + "\n")
+        stopped_early = train_config.patience and int(trainer.bad_evals) >= train_config.patience
+        if int(trainer.epoch) >= train_config.epochs or stopped_early:
+            summary(f"train: {run_dir} has " + (f"stopped early after {int(trainer.epoch)} epochs"
+                                                if stopped_early else f"finished its {int(trainer.epoch)} epochs")
+                    + "; nothing to train" + ("" if stopped_early else " (--epochs N continues it to N)"))
+            return {"epochs": int(trainer.epoch), "seconds": 0.0, "best_score": float(trainer.best_score)}
         click.echo(f"resuming {run_dir} at epoch {int(trainer.epoch) + 1}, step {int(trainer.step_in_epoch)}",
                    err=True)
     result = trainer.fit(train_features, val_features, steps_per_epoch, show_progress)
