@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from tfcap import images, records
 from tfcap.errors import TfcapError
-from tfcap.outputs import refuse_existing
+from tfcap.outputs import OutputLock, refuse_existing
 from tfcap.progress import Stopwatch, progress_bar, summary
 
 COLUMNS = ("path", "caption", "score", "error")
@@ -177,7 +177,12 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
         raise TfcapError("--overwrite and --resume contradict each other")
     images_dir, out = Path(images_dir), Path(out)
     all_paths = find_images(images_dir, config.recursive)
-    fd, done = _open_output(out, fmt, overwrite, resume)
+    lock = OutputLock(out)  # one writer per output: two would both append the missing rows
+    try:
+        fd, done = _open_output(out, fmt, overwrite, resume)
+    except BaseException:
+        lock.release()
+        raise
     todo = [p for p in all_paths if p not in done]
     clock, counts = Stopwatch(), {"ok": 0, "failed": 0}
 
@@ -207,6 +212,7 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
                 flush([error_row(k) for k in range(next_index, len(todo))])
     finally:
         os.close(fd)
+        lock.release()
     seconds, ok, failed = clock.seconds, counts["ok"], counts["failed"]
     summary(f"caption-dir: {ok + failed} images ({ok} ok, {failed} failed"
             + (f", {len(done)} already done" if done else "") + f") in {seconds:.1f} s, "

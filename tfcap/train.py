@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from tfcap import decoder as decoders, encoder as encoders, features, inputs, metrics, model as models, records, text
 from tfcap.errors import TfcapError
-from tfcap.outputs import sha256_file, write_text_atomic
+from tfcap.outputs import OutputLock, sha256_file, write_text_atomic
 from tfcap.progress import Stopwatch, summary
 
 CHECKPOINTS = "checkpoints"
@@ -364,7 +364,13 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
     schedule still spanning the run's original epochs (beyond them the cosine stays at its floor,
     10% of the learning rate, instead of rising again); any other that differs is refused.
     """
-    records_dir, run_dir = Path(records_dir), Path(run_dir)
+    with OutputLock(run_dir):  # one process per run directory, new or resumed
+        return _train_locked(Path(records_dir), Path(run_dir), encoder_config, decoder_config, train_config,
+                             cache_dir, resume, overwrite, show_progress, given)
+
+
+def _train_locked(records_dir, run_dir, encoder_config, decoder_config, train_config, cache_dir, resume, overwrite,
+                  show_progress, given) -> dict:
     manifest = records.read_manifest(records_dir)
     vocab = records.load_vocabulary(records_dir)
     if resume:
