@@ -58,7 +58,7 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary name, so readers never see half a file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes never share one
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
