@@ -135,6 +135,10 @@ class _Trainer:
                                               best_score=self.best_score, bad_evals=self.bad_evals,
                                               loss_sum=self.loss_sum, token_sum=self.token_sum,
                                               first_loss=self.first_loss, epoch_seconds=self.epoch_seconds)
+        # What checkpoints of tfcap before the running sums hold (they still resume).
+        self.checkpoint_without_sums = tf.train.Checkpoint(
+            **trained, optimizer=self.optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+            global_step=self.global_step, best_score=self.best_score, bad_evals=self.bad_evals)
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(run_dir / CHECKPOINTS), max_to_keep=2)
         self.train_step = tf.function(self._train_step, reduce_retracing=True)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
@@ -418,7 +422,14 @@ def _train_locked(records_dir, run_dir, encoder_config, decoder_config, train_co
         latest = trainer.manager.latest_checkpoint
         if latest is None:
             raise TfcapError(f"{run_dir} has no checkpoint to resume from")
-        trainer.checkpoint.restore(latest).assert_existing_objects_matched()
+        if "loss_sum/.ATTRIBUTES/VARIABLE_VALUE" in dict(tf.train.list_variables(latest)):
+            trainer.checkpoint.restore(latest).assert_existing_objects_matched()
+        else:
+            trainer.checkpoint_without_sums.restore(latest).assert_existing_objects_matched()
+            if int(trainer.step_in_epoch):
+                click.echo("note: a checkpoint of an older tfcap, without the epoch's running sums: the metrics of "
+                           f"epoch {int(trainer.epoch) + 1} cover only the steps after step {int(trainer.step_in_epoch)}",
+                           err=True)
         _forget_unsaved_epochs(run_dir / METRICS, int(trainer.epoch))
         if dataclasses.asdict(train_config) != saved["train"]:  # --epochs changed: the run's config says so
             write_text_atomic(run_dir / models.CONFIG,
