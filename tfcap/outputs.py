@@ -85,10 +85,10 @@ class OutputLock:
 
     def __init__(self, target: Path):
         self._fd = None
-        target = Path(target).resolve()  # ./out.csv, /abs/out.csv and a symlink to it: one lock
-        self.path = target.parent / f".{target.name}.lock"
+        resolved = Path(target).resolve()  # ./out.csv, /abs/out.csv and a symlink to it: one lock
+        self.path = resolved.parent / f".{resolved.name}.lock"
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            resolved.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise TfcapError(f"cannot write {target}: {e.strerror}") from None
