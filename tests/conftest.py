@@ -82,3 +82,10 @@ def flickr8k() -> Path | None:
 
 
 needs_flickr8k = pytest.mark.skipif(not os.environ.get("TFCAP_FLICKR8K"), reason="TFCAP_FLICKR8K is not set")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache_home(tmp_path_factory):
+    """Shard verification stamps (`records.verify_shards`) of the tests go to a folder of this
+    session's, not to the user's ~/.cache; subprocesses inherit it."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache-home"))

@@ -109,7 +109,8 @@ def test_scst_raises_greedy_cider_d_over_its_cross_entropy_start(tiny_records, t
     assert after > start + 0.5, (start, after)
     log = epochs_logged(tmp_path / "scst")
     assert {"reward", "greedy_cider", "val_cider", "val_bleu4", "samples_per_s"} <= set(log[0])
-    assert log[-1]["reward"] > log[0]["reward"]
+    # The logged greedy CIDEr-D of the training images rises too (one step per epoch here: noisy).
+    assert np.mean([r["greedy_cider"] for r in log[-3:]]) > log[0]["greedy_cider"] + 0.3
     saved = json.loads((tmp_path / "scst" / "config.json").read_text())
     assert saved["train"]["objective"] == "scst" and saved["train"]["init"] == str((tmp_path / "xe").resolve())
     assert saved["model"] == json.loads((tmp_path / "xe" / "config.json").read_text())["model"]

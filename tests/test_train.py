@@ -137,31 +137,40 @@ def test_image_caption_batches_encode_each_image_once_with_all_its_captions():
     assert owners.numpy().tolist() == [0, 0, 1] and last[3].numpy().tolist() == [0, 0]
 
 
-@pytest.mark.parametrize("train_encoder", [False, True])
-def test_interrupted_then_resumed_run_ends_in_the_same_state(tiny_records, tmp_path, monkeypatch, train_encoder):
-    kwargs = dict(epochs=3, captions_per_image="one", batch_size=4)
-    if train_encoder:  # all captions, by image: 2 steps per epoch too
-        kwargs = dict(epochs=3, batch_size=4, train_encoder=True, encoder_config=TINY_CONVNET)
-    fit(tiny_records, tmp_path / "straight", tmp_path / "cache", **kwargs)
-
+def interrupt_after(monkeypatch, steps: int) -> None:
+    """Make the next run raise KeyboardInterrupt right after its `steps`-th train step returns, as a
+    Ctrl-C does: Python handles the signal once the step's graph has run (the batch is applied)."""
     real_init, calls = train._Trainer.__init__, {"n": 0}
 
     def init_with_interrupt(self, *args, **kwargs):
         real_init(self, *args, **kwargs)
         step = self.train_step
 
-        def interrupt_at_fifth_step(*step_args):
+        def step_then_interrupt(*step_args):
+            out = step(*step_args)
             calls["n"] += 1
-            if calls["n"] == 5:  # mid-way through epoch 3 (2 steps per epoch)
+            if calls["n"] == steps:
                 raise KeyboardInterrupt
-            return step(*step_args)
+            return out
 
-        self.train_step = interrupt_at_fifth_step
+        self.train_step = step_then_interrupt
 
     monkeypatch.setattr(train._Trainer, "__init__", init_with_interrupt)
+
+
+@pytest.mark.parametrize("train_encoder", [False, True])
+def test_interrupted_then_resumed_run_ends_in_the_same_state(tiny_records, tmp_path, monkeypatch, train_encoder):
+    kwargs = dict(epochs=3, captions_per_image="one", batch_size=4)
+    if train_encoder:  # all captions, by image: 2 steps per epoch too
+        kwargs = dict(epochs=3, batch_size=4, train_encoder=True, encoder_config=TINY_CONVNET)
+    fit(tiny_records, tmp_path / "straight", tmp_path / "cache", **kwargs)
+    # Ctrl-C lands after a step has run (Python handles signals between steps): here after the
+    # fifth, mid-way through epoch 3 (2 steps per epoch). Raising it before the step instead, as
+    # this test once did, hid a batch that was applied but not counted and so trained twice.
+    interrupt_after(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_records, tmp_path / "resumed", tmp_path / "cache", **kwargs)
-    monkeypatch.setattr(train._Trainer, "__init__", real_init)
+    monkeypatch.undo()
     train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tmp_path / "cache", show_progress=False)
 
     straight, resumed = model.load_model(tmp_path / "straight"), model.load_model(tmp_path / "resumed")
@@ -169,6 +178,10 @@ def test_interrupted_then_resumed_run_ends_in_the_same_state(tiny_records, tmp_p
                     resumed.decoder.weights + resumed.encoder.model.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
     assert [e["epoch"] for e in epochs_logged(tmp_path / "resumed")] == [1, 2, 3]
+    # The best weights may be an earlier epoch's: the last epoch's losses show it was trained the same.
+    for name in ("loss", "val_loss"):
+        assert [e[name] for e in epochs_logged(tmp_path / "resumed")] == pytest.approx(
+            [e[name] for e in epochs_logged(tmp_path / "straight")], rel=1e-6)
 
 
 def test_second_run_reuses_the_feature_cache_without_decoding_an_image(tiny_records, tmp_path, monkeypatch):
@@ -226,3 +239,66 @@ def test_mixed_float16_trains_with_loss_scaling(tiny_records, tmp_path):
     pixels = captioner.preprocess_bytes(tf.constant(tile(0)))[None]
     _, scores = captioner.caption_features(captioner.features(pixels), beam_size=2)
     assert scores.dtype == tf.float32 and np.isfinite(scores.numpy()).all()
+
+
+def test_ctrl_c_after_an_applied_step_then_resume_is_bit_identical(tiny_records, tmp_path, monkeypatch):
+    """The batch Ctrl-C lands after is counted, so --resume does not train it twice; the resumed
+    epoch's metrics line covers the whole epoch, as in an uninterrupted run; the resumed run reuses
+    the feature cache although its encoder comes from RUN_DIR/encoder.weights.h5."""
+    kwargs = dict(epochs=2, kind="attention")  # 64 captions, 8 per step: 8 steps per epoch
+    fit(tiny_records, tmp_path / "straight", tmp_path / "cache", **kwargs)
+    interrupt_after(monkeypatch, 11)  # mid-way through epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_records, tmp_path / "resumed", tmp_path / "cache", **kwargs)
+    monkeypatch.undo()
+    with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # as if killed between a line and its checkpoint
+        f.write(json.dumps({"epoch": 2, "loss": 0.0}) + "\n")
+    monkeypatch.setattr(images, "decode_rgb", lambda data: pytest.fail("--resume re-encoded cached images"))
+    train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tmp_path / "cache", show_progress=False)
+
+    straight, resumed = model.load_model(tmp_path / "straight"), model.load_model(tmp_path / "resumed")
+    for a, b in zip(straight.decoder.weights, resumed.decoder.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    timing = ("tokens_per_s", "epoch_seconds")
+    want, got = ([{k: v for k, v in e.items() if k not in timing} for e in epochs_logged(tmp_path / r)]
+                 for r in ("straight", "resumed"))
+    assert got == want and got[1]["steps"] == 8
+
+
+def test_resumed_encoder_keeps_the_feature_key_of_its_weights_only_while_they_are_unchanged(tmp_path):
+    import dataclasses
+
+    from tfcap.outputs import sha256_file
+
+    original = encoder.build_encoder(TINY_ENCODER)
+    copy = tmp_path / "encoder.weights.h5"
+    original.model.save_weights(str(copy))
+    saved = {"id": original.weights_id, "file_sha256": sha256_file(copy)}
+    config = dataclasses.replace(TINY_ENCODER, weights=str(copy))
+    assert train._resumed_encoder(config, "float32", saved).feature_key == original.feature_key
+    assert train._resumed_encoder(config, "float32", None).feature_key != original.feature_key  # older runs
+    kernel = original.model.weights[0]
+    kernel.assign(kernel + 1.0)  # other weights in the file: other features, another key
+    original.model.save_weights(str(copy))
+    assert train._resumed_encoder(config, "float32", saved).feature_key != original.feature_key
+
+
+def test_resume_with_more_epochs_extends_the_run_and_refuses_other_changed_options(tiny_records, tmp_path):
+    run = tmp_path / "run"
+    fit(tiny_records, run, tmp_path / "cache", epochs=2, lr_schedule="cosine", learning_rate=0.01)
+    resume = ["train", str(tiny_records), "-o", str(run), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--resume"]
+    result = CliRunner().invoke(main, resume + ["--decoder", "attention", "--epochs", "3"])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and "--decoder attention differs from the merge" in result.output
+    # Options given again with their saved values (--seed 1, --batch-size 8) do not differ.
+    result = CliRunner().invoke(main, resume + ["--epochs", "3", "--seed", "1", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    log = epochs_logged(run)
+    assert [e["epoch"] for e in log] == [1, 2, 3]
+    # The schedule still spans the 2 epochs the run began with: the third runs at the cosine's floor.
+    assert log[2]["learning_rate"] == pytest.approx(0.1 * 0.01) and log[1]["learning_rate"] == pytest.approx(0.001)
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert saved["epochs"] == 3 and saved["schedule_epochs"] == 2
+    result = CliRunner().invoke(main, resume)  # done: says so, trains nothing
+    assert result.exit_code == 0 and "finished its 3 epochs; nothing to train" in result.output
+    assert len(epochs_logged(run)) == 3

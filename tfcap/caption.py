@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from tfcap import images, records
 from tfcap.errors import Interrupted, TfcapError
-from tfcap.outputs import refuse_existing
+from tfcap.outputs import OutputLock, refuse_existing
 from tfcap.progress import Stopwatch, progress_bar, summary
 
 COLUMNS = ("path", "caption", "score", "error")
@@ -202,7 +202,12 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
     images_dir, out = Path(images_dir), Path(out)
     fmt = output_format(out, fmt)
     all_paths = find_images(images_dir, config.recursive)
-    fd, done = _open_output(out, fmt, overwrite, resume)
+    lock = OutputLock(out)  # one writer per output: two would both append the missing rows
+    try:
+        fd, done = _open_output(out, fmt, overwrite, resume)
+    except BaseException:
+        lock.release()
+        raise
     todo = [p for p in all_paths if p not in done]
     clock, counts = Stopwatch(), {"ok": 0, "failed": 0}
 
@@ -235,6 +240,7 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
                           f"{out}; continue with --resume") from None
     finally:
         os.close(fd)
+        lock.release()
     seconds, ok, failed = clock.seconds, counts["ok"], counts["failed"]
     if not todo:
         summary(f"caption-dir: 0 images to caption ({len(done)} already done) -> {out}")

@@ -170,7 +170,8 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
               help="Validation metric that picks the best weights and stops early (default: bleu4; cider with scst).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache-dir", type=PathArg, help="Feature cache (default: RECORDS.cache beside the records).")
-@click.option("--resume", is_flag=True, help="Continue RUN_DIR from its last checkpoint, with its saved config.")
+@click.option("--resume", is_flag=True, help="Continue RUN_DIR from its last checkpoint, with its saved config "
+              "(--epochs N extends it; other options must match the run's).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing RUN_DIR.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_size, precision, decoder_kind, units,
@@ -188,6 +189,22 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
     cache = cache_dir or features.default_cache_dir(records_dir)
     if not cache.exists():  # an existing cache may be complete and read-only: found out when it is written
         outputs.check_writable(cache)
+    if resume:  # what the command line says again; the rest comes from the run's config
+        given, ctx = {}, click.get_current_context()
+        fields = {"encoder": "encoder.name", "encoder_weights": "encoder.weights", "alpha": "encoder.alpha",
+                  "image_size": "encoder.image_size", "decoder_kind": "decoder.kind", "units": "decoder.units",
+                  "embed_dim": "decoder.embed_dim", "dropout": "decoder.dropout",
+                  "init_run": "train.init"}
+        for name in ("encoder", "encoder_weights", "alpha", "image_size", "precision", "decoder_kind", "units",
+                     "embed_dim", "dropout", "epochs", "batch_size", "learning_rate", "lr_schedule", "clip_norm",
+                     "captions_per_image", "eval_every", "eval_images", "patience", "train_encoder", "objective",
+                     "init_run", "samples", "baseline", "select", "seed"):
+            if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT,
+                                                      click.core.ParameterSource.DEFAULT_MAP):
+                value = ctx.params[name]
+                given[fields.get(name, f"train.{name}")] = str(value.resolve()) if name == "init_run" else value
+        train.train(records_dir, run_dir, cache_dir=cache_dir, resume=True, show_progress=not quiet, given=given)
+        return
     if alpha is None:
         alpha = (encoder == "mobilenet" and encoders.mobilenet_alpha_of(encoder_weights)) or 1.0
     train.train(
@@ -203,7 +220,7 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
                                        train_encoder=train_encoder, objective=objective,
                                        init=str(init_run) if init_run else "", samples=samples, baseline=baseline,
                                        select=select or ("cider" if objective == "scst" else "bleu4")),
-        cache_dir=cache_dir, resume=resume, overwrite=overwrite, show_progress=not quiet)
+        cache_dir=cache_dir, overwrite=overwrite, show_progress=not quiet)
 
 
 def _precision_option(f):

@@ -11,13 +11,19 @@ name and renamed, so an interrupted build is never mistaken for a cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import queue
+import re
+import signal
+import threading
 from pathlib import Path
 
 import tensorflow as tf
 
 from tfcap import inputs, records
+from tfcap.errors import TfcapError
 from tfcap.outputs import atomic_directory
 from tfcap.progress import Stopwatch, progress_bar, summary
 
@@ -74,21 +80,84 @@ def build_features(records_dir: Path, split: str, encoder, with_grid: bool, *, c
             out["grid"] = tf.cast(flat, tf.float16)
         return out
 
-    with progress_bar(count, f"encoding {split} images", show_progress) as advance:
-        def tick(batch):
-            n = tf.shape(batch["image_id"])[0]
-            tf.py_function(lambda k: advance(int(k)), [n], [])
-            return batch
-
-        encoded = (inputs.image_batches(records_dir, split, encoder.preprocess, batch_size)
-                   .map(encode)  # sequential: the encoder itself uses every core
-                   .map(tick)
-                   .unbatch())
-        with atomic_directory(entry, overwrite=True) as scratch:
-            encoded.save(str(scratch))
+    encoded = (inputs.image_batches(records_dir, split, encoder.preprocess, batch_size)
+               .map(encode))  # sequential: the encoder itself uses every core
+    with (progress_bar(count, f"encoding {split} images", show_progress) as advance, _sigterm_as_exit(),
+          atomic_directory(entry, overwrite=True) as scratch):
+        try:
+            _save_batches(encoded, scratch, advance)
+        except tf.errors.OpError as e:
+            raise TfcapError(f"encoding the {split} images of {records_dir} failed: {_op_error_text(e)}") from None
     summary(f"feature cache: {count} {split} images encoded by {encoder.feature_key} in {clock.seconds:.1f} s, "
             f"{clock.rate(count):.1f} images/s -> {entry}")
     return entry
+
+
+def _op_error_text(error: tf.errors.OpError) -> str:
+    """The cause in a tf.data error's first line, without the function and iterator names around it."""
+    text = re.sub(r"^\{\{.*?\}\}\s*", "", (error.message or str(error)).strip().splitlines()[0])
+    return text.rsplit("Iterator::", 1)[-1].split(": ", 1)[-1] if "Iterator::" in text else text
+
+
+def _save_batches(batches: tf.data.Dataset, path: Path, advance) -> None:
+    """`Dataset.save` of the elements of `batches` (unbatched) into `path`, batches pulled here.
+
+    `Dataset.save` is one C++ call: it deadlocks when its input fails (tensorflow#61736), and
+    while it runs the main thread handles no signal, so Ctrl-C and SIGTERM wait for its end. So
+    this (main) thread iterates the pipeline, where errors and signals arrive between batches,
+    and hands each batch over a queue to `save` in a worker thread; an exception here ends the
+    worker's input, lets `save` return, and propagates (the caller removes the partial entry).
+    """
+    handoff, end, failed = queue.Queue(maxsize=2), object(), []
+
+    def handed_over():
+        while (batch := handoff.get()) is not end:
+            yield batch
+
+    def save():
+        try:
+            tf.data.Dataset.from_generator(handed_over, output_signature=batches.element_spec).unbatch().save(str(path))
+        except BaseException as e:  # noqa: BLE001 (re-raised in the main thread)
+            failed.append(e)
+
+    worker = threading.Thread(target=save, name="feature-cache-save", daemon=True)
+
+    def hand_over(item) -> bool:
+        while worker.is_alive():
+            with contextlib.suppress(queue.Full):
+                handoff.put(item, timeout=0.2)  # a timeout, so that signals are handled meanwhile
+                return True
+        return False  # save failed
+
+    worker.start()
+    try:
+        for batch in batches:
+            if not hand_over(batch):
+                break
+            advance(int(tf.shape(batch["image_id"])[0]))
+    finally:
+        hand_over(end)
+        worker.join()
+    if failed:
+        raise failed[0]
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """SIGTERM raises SystemExit (exit code 143) in the main thread for the block, so that
+    `finally` and `except` clauses clean up (Python's default is to die on the spot)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def load_features(entry: Path) -> tf.data.Dataset:
@@ -98,7 +167,12 @@ def load_features(entry: Path) -> tf.data.Dataset:
 
 def features_for(records_dir: Path, split: str, encoder, with_grid: bool, *, cache_dir: Path | None = None,
                  batch_size: int = 32, show_progress: bool = True) -> tf.data.Dataset:
-    """Cached features of a split, building the cache entry first if there is none."""
+    """Cached features of a split, building the cache entry first if there is none.
+
+    The shards are verified first (`records.verify_shards`): the cache key holds the manifest's
+    sha256 of each shard, which then are those of the bytes on disk.
+    """
+    records.verify_shards(records_dir, split)
     entry = find_features(records_dir, split, encoder, with_grid, cache_dir)
     if entry is None:
         entry = build_features(records_dir, split, encoder, with_grid, cache_dir=cache_dir,

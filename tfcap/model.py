@@ -18,6 +18,7 @@ import tensorflow as tf
 import tfcap
 from tfcap import beam, decoder as decoders, encoder as encoders, images, text
 from tfcap.errors import TfcapError
+from tfcap.outputs import sha256_file
 
 CONFIG = "config.json"
 VOCAB = "vocab.txt"
@@ -110,7 +111,10 @@ def write_run_files(run_dir: Path, config: ModelConfig, vocab: text.Vocabulary, 
     run_dir.mkdir(parents=True, exist_ok=True)
     vocab.save(run_dir / VOCAB)
     encoder.model.save_weights(str(run_dir / ENCODER_WEIGHTS))
-    payload = {"tfcap_version": tfcap.__version__, "model": config.to_dict(), **extra}
+    # The weights' identity (the feature cache's key) beside this file's sha256: while the file is
+    # unchanged (a frozen encoder), a resumed run reuses the features of the original weights.
+    weights = {"id": encoder.weights_id, "file_sha256": sha256_file(run_dir / ENCODER_WEIGHTS)}
+    payload = {"tfcap_version": tfcap.__version__, "model": config.to_dict(), "encoder_weights": weights, **extra}
     (run_dir / CONFIG).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
@@ -115,7 +116,7 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` through a temporary name, so readers never see half a file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two processes never share one
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
@@ -127,3 +128,46 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+class OutputLock:
+    """An exclusive lock on one output (a run directory, a CSV), held from creation to `release`.
+
+    It is an flock on the hidden sibling `.{name}.lock`, which holds the owner's pid. The OS
+    releases it when the process ends, however it ends (SIGKILL too), so a lock is never stale;
+    the small file stays. flock belongs to the open file description: a second OutputLock on the
+    same output fails in the same process as in another one. Also a context manager.
+
+    Raises TfcapError `... is in use by another tfcap process (pid N)` when the output is locked.
+    """
+
+    def __init__(self, target: Path):
+        self._fd = None
+        resolved = Path(target).resolve()  # ./out.csv, /abs/out.csv and a symlink to it: one lock
+        self.path = resolved.parent / f".{resolved.name}.lock"
+        try:
+            resolved.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise TfcapError(f"cannot write {target}: {e.strerror}") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(self._fd, 32).decode("ascii", "replace").strip() or "unknown"
+            self.release()
+            raise TfcapError(f"{target} is in use by another tfcap process (pid {owner})") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+    __del__ = release  # an owner that dropped it without releasing
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -22,8 +22,10 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -33,7 +35,7 @@ import tensorflow as tf
 import tfcap
 from tfcap import images, layouts, text
 from tfcap.errors import TfcapError
-from tfcap.outputs import atomic_directory, sha256_file
+from tfcap.outputs import atomic_directory, sha256_file, write_text_atomic
 from tfcap.progress import Stopwatch, progress_bar, summary
 
 MANIFEST = "manifest.json"
@@ -402,7 +404,67 @@ def read_manifest(records_dir: Path) -> dict:
     path = Path(records_dir) / MANIFEST
     if not path.is_file():
         raise TfcapError(f"{records_dir} is not a records folder (no {MANIFEST}); make one with tfcap build-records")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TfcapError(f"{path} is damaged ({e}); rebuild the records with tfcap build-records") from None
+
+
+_VERIFIED: dict[str, list] = {}  # resolved shard path -> [size, mtime_ns, sha256] verified by this process
+
+
+def _stamp_file(records_dir: Path) -> Path:
+    """Where the shards of a records folder verified earlier are noted: the user's cache folder,
+    not the records folder, which may be read-only or shared."""
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = hashlib.sha256(str(Path(records_dir).resolve()).encode()).hexdigest()[:20]
+    return cache_home / "tfcap" / "verified" / f"{folder}.json"
+
+
+def verify_shards(records_dir: Path, split: str) -> None:
+    """Check that each shard of `split` is the file build-records wrote: size and sha256 as in the
+    manifest (which counted the records of exactly those bytes, so the record count holds too).
+
+    A damaged shard would otherwise hang the feature cache (`Dataset.save` deadlocks when its input
+    fails, tensorflow#61736) or end in a DataLossError that names no file. Hashing reads the split
+    once, so it is done once per version of a shard: its size and mtime, once verified, are noted
+    in this process and in `$XDG_CACHE_HOME/tfcap/verified/` (skipped where that is unwritable).
+
+    Raises TfcapError naming the first missing or damaged shard.
+    """
+    manifest = read_manifest(records_dir)
+    if split not in manifest["splits"]:
+        raise TfcapError(f"no split {split!r} in {records_dir}; it has {', '.join(manifest['splits'])}")
+    stamp_file, stamps, verified = _stamp_file(records_dir), None, {}
+    rebuild = "rebuild the records with tfcap build-records"
+    for shard in manifest["splits"][split]["shards"]:
+        path = Path(records_dir) / shard["file"]
+        try:
+            stat = path.stat()
+        except OSError as e:
+            raise TfcapError(f"{path}: records shard unreadable ({e.strerror}); {rebuild}") from None
+        key, version = str(path.resolve()), [stat.st_size, stat.st_mtime_ns, shard["sha256"]]
+        if _VERIFIED.get(key) == version:
+            continue
+        if stamps is None:
+            try:
+                stamps = json.loads(stamp_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                stamps = {}
+        if stamps.get(key) != version:
+            if "bytes" in shard and stat.st_size != shard["bytes"]:
+                raise TfcapError(f"{path} is damaged: {stat.st_size:,} bytes where {MANIFEST} says "
+                                 f"{shard['bytes']:,}; {rebuild}")
+            if sha256_file(path) != shard["sha256"]:
+                raise TfcapError(f"{path} is damaged: its sha256 differs from the one in {MANIFEST}; {rebuild}")
+            verified[key] = version
+        _VERIFIED[key] = version
+    if verified:
+        try:
+            stamp_file.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(stamp_file, json.dumps({**stamps, **verified}) + "\n")
+        except OSError:
+            pass  # no writable cache folder: verified again by the next process
 
 
 def load_vocabulary(records_dir: Path) -> text.Vocabulary:
@@ -456,12 +518,13 @@ def without_autotuning(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 def load_split(records_dir: Path, split: str, *, shuffle_shards: bool = False, seed: int | None = None,
                parse: bool = True) -> tf.data.Dataset:
-    """A tf.data.Dataset over one split's records, shards read in parallel.
+    """A tf.data.Dataset over one split's records, shards read in parallel, after `verify_shards`.
 
     Elements are dicts as from `parse_example` (or serialized tf.string scalars if not `parse`),
     in a deterministic order (shards interleaved) unless `shuffle_shards`.
     """
     manifest = read_manifest(records_dir)
+    verify_shards(records_dir, split)
     files = shard_paths(records_dir, split)
     compression = _tf_compression(manifest.get("compression"))
     names = tf.data.Dataset.from_tensor_slices(tf.constant(files, tf.string))

@@ -50,16 +50,16 @@ class SelfCritical:
         self.max_tokens = trainer.captioner.config.max_caption_tokens
         self.sample = tf.function(self._sample, reduce_retracing=True)
         self.gradient = tf.function(self._gradient, reduce_retracing=True)
-        self.reset()
-
-    def reset(self) -> None:
-        """Start the running means of an epoch."""
-        self.sums = {"reward": 0.0, "greedy_cider": 0.0, "advantage_abs": 0.0}
-        self.counts = {"reward": 0, "greedy_cider": 0, "advantage_abs": 0}
+        # The epoch's running sums, updated in the gradient step's graph and checkpointed with the
+        # trainer's (reset with them at the end of an epoch), so a resumed epoch's means cover all of it.
+        self.sums = {key: tf.Variable(0.0, dtype=tf.float64, name=f"scst_{key}")
+                     for key in ("reward", "greedy_cider", "advantage_abs", "samples", "images")}
 
     def stats(self) -> dict[str, float]:
         """The epoch's means: sample CIDEr-D (the reward), greedy CIDEr-D, mean |advantage|."""
-        return {key: self.sums[key] / max(self.counts[key], 1) for key in self.sums}
+        samples, images = max(float(self.sums["samples"]), 1.0), max(float(self.sums["images"]), 1.0)
+        return {"reward": float(self.sums["reward"]) / samples, "greedy_cider": float(self.sums["greedy_cider"]) / images,
+                "advantage_abs": float(self.sums["advantage_abs"]) / samples}
 
     def _sample(self, feats, seed):
         """features of B images -> samples int32 [B*K, T] and lengths [B*K], greedy [B, T] and lengths [B]."""
@@ -72,8 +72,9 @@ class SelfCritical:
         greedy, _, greedy_lengths = beam.greedy_search(decoder.step, state, context, max_length=self.max_tokens)
         return sampled, lengths, greedy, greedy_lengths
 
-    def _gradient(self, feats, sampled, lengths, advantages):
-        """Policy gradient: loss = -sum(advantage * log p(token) over sampled tokens) / tokens."""
+    def _gradient(self, feats, sampled, lengths, advantages, rewards, greedy_rewards):
+        """Policy gradient: loss = -sum(advantage * log p(token) over sampled tokens) / tokens; counts the
+        step (`trainer.count_step`) and adds the batch's rewards to the epoch's sums, in this one graph."""
         trainer = self.trainer
         tiled = {k: tf.repeat(v, self.samples, axis=0) for k, v in feats.items()}
         inputs = tf.concat([tf.fill([tf.shape(sampled)[0], 1], text.START_ID), sampled[:, :-1]], axis=1)
@@ -86,7 +87,12 @@ class SelfCritical:
             scaled = trainer.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, trainer.variables)
         trainer.optimizer.apply(gradients, trainer.variables)
-        trainer.global_step.assign_add(1)
+        count = tf.cast(tf.shape(sampled)[0], tf.float64)
+        trainer.count_step(loss, count)
+        for key, value in (("reward", tf.reduce_sum(rewards)), ("greedy_cider", tf.reduce_sum(greedy_rewards)),
+                           ("advantage_abs", tf.reduce_sum(tf.abs(tf.cast(advantages, tf.float64)))),
+                           ("samples", count), ("images", tf.cast(tf.shape(greedy_rewards)[0], tf.float64))):
+            self.sums[key].assign_add(value)
         return loss
 
     def step(self, feats, inputs_, targets, owners):
@@ -107,8 +113,6 @@ class SelfCritical:
         else:
             baseline = greedy_rewards[:, None]
         advantages = (per_image - baseline).reshape(-1).astype(np.float32)
-        loss = self.gradient(feats, tf.constant(sampled), tf.constant(lengths), tf.constant(advantages))
-        for key, values in (("reward", rewards), ("greedy_cider", greedy_rewards), ("advantage_abs", np.abs(advantages))):
-            self.sums[key] += float(values.sum())
-            self.counts[key] += len(values)
+        loss = self.gradient(feats, tf.constant(sampled), tf.constant(lengths), tf.constant(advantages),
+                             tf.constant(rewards, tf.float64), tf.constant(greedy_rewards, tf.float64))
         return loss, float(len(rewards))

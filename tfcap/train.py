@@ -12,8 +12,9 @@ step. A CNN trained from scratch (weights "none") uses batch statistics in Batch
 one keeps its moving statistics (Keras' fine-tuning advice: small batches would wreck them).
 
 Resuming is exact: batches are a pure function of (seed, epoch), dropout is seeded by the global
-step, and the checkpoint records the step within the epoch, so an interrupted run continues with
-the very batch it would have trained on next.
+step, and the checkpoint records the step within the epoch (counted inside the train step's graph,
+with the update) and the epoch's running loss, token and time sums, so an interrupted run continues
+with the very batch it would have trained on next and its epoch's metrics line covers the whole epoch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import tensorflow as tf
 
 from tfcap import decoder as decoders, encoder as encoders, features, inputs, metrics, model as models, records, scst, text
 from tfcap.errors import Interrupted, TfcapError
+from tfcap.outputs import OutputLock, sha256_file, write_text_atomic
 from tfcap.progress import Stopwatch, summary
 
 CHECKPOINTS = "checkpoints"
@@ -62,6 +64,9 @@ class TrainConfig:
     samples: int = 5  # scst: captions sampled per image (batch_size counts images)
     baseline: str = "mean"  # scst: mean (of the image's other samples) | greedy (the greedy caption's reward)
     select: str = "bleu4"  # validation metric that picks the best weights and stops early: bleu4 | cider
+    # Epochs the LR schedule spans; None: `epochs`. `--resume --epochs N` keeps the original span, so
+    # the epochs trained so far are unchanged and those beyond it run at the cosine's floor.
+    schedule_epochs: int | None = None
 
     def __post_init__(self):
         if self.captions_per_image not in ("one", "all"):
@@ -83,6 +88,8 @@ class TrainConfig:
                 raise TfcapError(f"--baseline must be one of {', '.join(scst.BASELINES)}")
             if self.samples < (2 if self.baseline == "mean" else 1):
                 raise TfcapError("--samples must be at least 2 with --baseline mean (1 with greedy)")
+        if self.schedule_epochs is not None and self.schedule_epochs < 1:
+            raise TfcapError("schedule_epochs must be positive")
 
 
 def masked_cross_entropy(targets: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -136,16 +143,29 @@ class _Trainer:
         self.global_step = tf.Variable(0, dtype=tf.int64, name="global_step")
         self.best_score = tf.Variable(-np.inf, dtype=tf.float64, name="best_score")
         self.bad_evals = tf.Variable(0, dtype=tf.int64, name="bad_evals")
-        trained = {"decoder": self.decoder, **({"encoder": self.encoder.model} if self.train_encoder else {})}
-        self.checkpoint = tf.train.Checkpoint(**trained, optimizer=self.optimizer, epoch=self.epoch,
-                                              step_in_epoch=self.step_in_epoch, global_step=self.global_step,
-                                              best_score=self.best_score, bad_evals=self.bad_evals)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, str(run_dir / CHECKPOINTS), max_to_keep=2)
+        # The epoch's running sums, checkpointed so that a resumed epoch's metrics cover all of it.
+        self.loss_sum = tf.Variable(0.0, dtype=tf.float64, name="loss_sum")  # sum of loss * tokens
+        self.token_sum = tf.Variable(0.0, dtype=tf.float64, name="token_sum")
+        self.first_loss = tf.Variable(np.nan, dtype=tf.float64, name="first_loss")
+        self.epoch_seconds = tf.Variable(0.0, dtype=tf.float64, name="epoch_seconds")  # training time so far
         self.train_step = tf.function(self._train_step, reduce_retracing=True)
         self.self_critical = None
         if train_config.objective == "scst":
             self.self_critical = scst.SelfCritical(self, reward, train_config.samples, train_config.baseline)
             self.train_step = self.self_critical.step
+        trained = {"decoder": self.decoder, **({"encoder": self.encoder.model} if self.train_encoder else {})}
+        if self.self_critical:  # its running reward sums, like the loss sums
+            trained["self_critical_sums"] = self.self_critical.sums
+        self.checkpoint = tf.train.Checkpoint(**trained, optimizer=self.optimizer, epoch=self.epoch,
+                                              step_in_epoch=self.step_in_epoch, global_step=self.global_step,
+                                              best_score=self.best_score, bad_evals=self.bad_evals,
+                                              loss_sum=self.loss_sum, token_sum=self.token_sum,
+                                              first_loss=self.first_loss, epoch_seconds=self.epoch_seconds)
+        # What checkpoints of tfcap before the running sums hold (they still resume).
+        self.checkpoint_without_sums = tf.train.Checkpoint(
+            **trained, optimizer=self.optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+            global_step=self.global_step, best_score=self.best_score, bad_evals=self.bad_evals)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(run_dir / CHECKPOINTS), max_to_keep=2)
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
         self.decode_step = tf.function(
             lambda feats: captioner.generate(self._features(feats), beam_size=1)[0], reduce_retracing=True)
@@ -168,8 +188,21 @@ class _Trainer:
             scaled = self.optimizer.scale_loss(total)
         gradients = tape.gradient(scaled, self.variables)
         self.optimizer.apply(gradients, self.variables)
-        self.global_step.assign_add(1)
+        self.count_step(loss, tokens)
         return loss, tokens
+
+    def count_step(self, loss: tf.Tensor, tokens: tf.Tensor) -> None:
+        """The step and the epoch's running sums, inside the train step's graph (also SCST's).
+
+        Counted in the same graph as the update: Ctrl-C reaches Python only between steps, so a
+        checkpoint never holds an applied batch that is not counted (--resume would train it twice).
+        """
+        loss64, tokens64 = tf.cast(loss, tf.float64), tf.cast(tokens, tf.float64)
+        self.first_loss.assign(tf.where(self.step_in_epoch == 0, loss64, self.first_loss))
+        self.loss_sum.assign_add(loss64 * tokens64)
+        self.token_sum.assign_add(tokens64)
+        self.step_in_epoch.assign_add(1)
+        self.global_step.assign_add(1)
 
     def _eval_step(self, feats, inputs_, targets, owners=None):
         logits, _ = self.decoder(self._features(feats, owners), inputs_)
@@ -229,10 +262,7 @@ class _Trainer:
             epoch, skip = int(self.epoch), int(self.step_in_epoch)
             batches = self.batches(train_features, shuffle=True, epoch=epoch,
                                    captions_per_image=self.config.captions_per_image).skip(skip)
-            epoch_clock, loss_sum, token_sum, seen = Stopwatch(), 0.0, 0.0, 0
-            if self.self_critical:
-                self.self_critical.reset()
-            first_loss = None
+            epoch_clock, session_tokens = Stopwatch(), 0.0
             label = f"epoch {epoch + 1}/{self.config.epochs}"
             bar = click.progressbar(length=steps_per_epoch, label=label, file=sys.stderr, show_pos=True,
                                     item_show_func=lambda s: s, width=24) if show_progress else None
@@ -242,25 +272,26 @@ class _Trainer:
                     bar.update(skip)
                 for batch in batches:
                     loss, tokens = self.train_step(*batch)
-                    self.step_in_epoch.assign_add(1)
-                    loss, tokens = float(loss), float(tokens)
-                    first_loss = loss if first_loss is None else first_loss
-                    loss_sum, token_sum, seen = loss_sum + loss * tokens, token_sum + tokens, seen + 1
                     if bar and self.self_critical:
                         bar.update(1, f"reward {self.self_critical.stats()['reward']:.3f}")
                     elif bar:
-                        bar.update(1, f"loss {loss:.3f} {token_sum / epoch_clock.seconds:,.0f} tok/s")
+                        session_tokens += float(tokens)
+                        bar.update(1, f"loss {float(loss):.3f} {session_tokens / epoch_clock.seconds:,.0f} tok/s")
             except KeyboardInterrupt:
+                self.epoch_seconds.assign_add(epoch_clock.seconds)
                 path = self.manager.save(checkpoint_number=int(self.global_step))
                 raise Interrupted(f"interrupted: checkpoint {path} saved at epoch {epoch + 1}, step "
                                   f"{int(self.step_in_epoch)}; continue with --resume") from None
             finally:
                 if bar:
                     bar.__exit__(None, None, None)
-            seconds = epoch_clock.seconds
-            record = {"epoch": epoch + 1, "loss": loss_sum / max(token_sum, 1.0), "first_batch_loss": first_loss,
+            seconds = float(self.epoch_seconds) + epoch_clock.seconds  # over all sessions of this epoch
+            token_sum, first_loss = float(self.token_sum), float(self.first_loss)
+            record = {"epoch": epoch + 1, "loss": float(self.loss_sum) / max(token_sum, 1.0),
+                      "first_batch_loss": None if math.isnan(first_loss) else first_loss,
                       "val_loss": self.validation_loss(val_features), "learning_rate": self.learning_rate(),
-                      "tokens_per_s": token_sum / max(seconds, 1e-9), "epoch_seconds": seconds, "steps": seen}
+                      "tokens_per_s": token_sum / max(seconds, 1e-9), "epoch_seconds": seconds,
+                      "steps": int(self.step_in_epoch)}
             if self.self_critical:  # "loss" is the policy-gradient surrogate; tokens_per_s counts samples
                 record.update({"samples_per_s": record.pop("tokens_per_s"), **self.self_critical.stats()})
             improved = False
@@ -295,6 +326,10 @@ class _Trainer:
                        + f", {rate}, {seconds:.1f} s" + (" (best)" if improved else ""), err=True)
             self.epoch.assign_add(1)
             self.step_in_epoch.assign(0)
+            for total in (self.loss_sum, self.token_sum, self.epoch_seconds,
+                          *(self.self_critical.sums.values() if self.self_critical else ())):
+                total.assign(tf.zeros_like(total))
+            self.first_loss.assign(np.nan)
             self.manager.save(checkpoint_number=int(self.global_step))
             last = record
             if self.config.patience and int(self.bad_evals) >= self.config.patience:
@@ -324,28 +359,95 @@ def _init_model(init_dir: Path, vocab: text.Vocabulary, records_dir: Path):
     return model_config, encoder_config
 
 
+def _resumed_encoder(config: encoders.EncoderConfig, precision: str, saved_weights: dict | None) -> encoders.Encoder:
+    """The run's encoder from RUN_DIR/encoder.weights.h5. While that file is the one training
+    started with (sha256 in config.json), its weights are the original ones, so it keeps their id
+    and the feature cache built from them serves (a copy has another sha256, the same features)."""
+    encoder = encoders.build_encoder(config, precision)
+    if saved_weights and sha256_file(config.weights) == saved_weights["file_sha256"]:
+        encoder = encoders.Encoder(encoder.config, encoder.model, encoder.precision, saved_weights["id"])
+    return encoder
+
+
+# Settings whose option is not "--" + the field name with dashes.
+_OPTION_NAMES = {"encoder.name": "--encoder", "encoder.weights": "--encoder-weights", "decoder.kind": "--decoder"}
+
+
+def _resumed_train_config(run_dir: Path, saved: dict, given: dict) -> TrainConfig:
+    """The run's saved TrainConfig, extended to `given["train.epochs"]` if that is given.
+
+    Args:
+      saved: the run's config.json.
+      given: the settings given again with --resume, as "section.field" -> value, section one of
+        encoder, decoder, train (e.g. {"decoder.kind": "merge"}). Any but train.epochs that differs
+        from the saved one raises TfcapError naming its option.
+    """
+    train_config = TrainConfig(**saved["train"])
+    sections = {"encoder": saved["model"]["encoder"], "decoder": saved["model"]["decoder"], "train": saved["train"]}
+    for key, value in given.items():
+        section, field = key.split(".")
+        had = sections[section].get(field)
+        if key == "train.epochs" or value == had:
+            continue
+        if key == "encoder.image_size" and had is None and value == encoders.EncoderConfig(**sections["encoder"]).size:
+            continue
+        if key == "train.precision" and value == saved["model"]["precision"]:  # "auto" resolved to it
+            continue
+        if key == "encoder.weights" and Path(str(value)).is_file() and Path(str(had)).is_file() \
+                and Path(str(value)).resolve() == Path(str(had)).resolve():
+            continue
+        option = _OPTION_NAMES.get(key, "--" + field.replace("_", "-"))
+        raise TfcapError(f"{option} {value} differs from the {had} that {run_dir} was trained with: --resume keeps "
+                         "a run's settings but --epochs; train a new run (another -o) to change it")
+    epochs = given.get("train.epochs", train_config.epochs)
+    if epochs != train_config.epochs:
+        train_config = dataclasses.replace(train_config, epochs=epochs,
+                                           schedule_epochs=train_config.schedule_epochs or train_config.epochs)
+    return train_config
+
+
+def _forget_unsaved_epochs(metrics_file: Path, completed: int) -> None:
+    """Drop the metrics lines of epochs after the checkpoint's (killed between its line and its
+    checkpoint): the resumed run writes them again, so each epoch has one line."""
+    if not metrics_file.exists():
+        return
+    lines = metrics_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["epoch"] <= completed]
+    if kept != lines:
+        write_text_atomic(metrics_file, "".join(kept))
+
+
 def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderConfig = encoders.EncoderConfig(),
           decoder_config: decoders.DecoderConfig = decoders.DecoderConfig(),
           train_config: TrainConfig = TrainConfig(), cache_dir: Path | None = None, resume: bool = False,
-          overwrite: bool = False, show_progress: bool = True) -> dict:
+          overwrite: bool = False, show_progress: bool = True, given: dict | None = None) -> dict:
     """Train a captioner on RECORDS into RUN_DIR; return the final epoch's metrics and totals.
 
-    With `resume`, the configuration saved in RUN_DIR is used (the arguments are ignored, except
-    that the records must be the ones it was trained on) and training continues from the last
-    checkpoint.
+    With `resume`, the configuration saved in RUN_DIR is used (the config arguments are ignored;
+    the records must be the ones it was trained on) and training continues from the last
+    checkpoint. `given` holds the settings the user gave again ("section.field" -> value, see
+    `_resumed_train_config`): `{"train.epochs": N}` extends (or shortens) the run, with the LR
+    schedule still spanning the run's original epochs (beyond them the cosine stays at its floor,
+    10% of the learning rate, instead of rising again); any other that differs is refused.
     """
-    records_dir, run_dir = Path(records_dir), Path(run_dir)
+    with OutputLock(run_dir):  # one process per run directory, new or resumed
+        return _train_locked(Path(records_dir), Path(run_dir), encoder_config, decoder_config, train_config,
+                             cache_dir, resume, overwrite, show_progress, given)
+
+
+def _train_locked(records_dir, run_dir, encoder_config, decoder_config, train_config, cache_dir, resume, overwrite,
+                  show_progress, given) -> dict:
     manifest = records.read_manifest(records_dir)
     vocab = records.load_vocabulary(records_dir)
     if resume:
         saved = models.read_run_config(run_dir)
         model_config = models.ModelConfig.from_dict(saved["model"])
-        train_config = TrainConfig(**saved["train"])
+        train_config = _resumed_train_config(run_dir, saved, given or {})
         if model_config.vocab_sha256 != vocab.sha256:
             raise TfcapError(f"{records_dir} has a different vocabulary from the one {run_dir} was trained on "
                              f"({vocab.sha256[:12]} vs {model_config.vocab_sha256[:12]})")
         encoder_config = dataclasses.replace(model_config.encoder, weights=str(run_dir / models.ENCODER_WEIGHTS))
-        encoder = encoders.build_encoder(encoder_config, model_config.precision)
+        encoder = _resumed_encoder(encoder_config, model_config.precision, saved.get("encoder_weights"))
     else:
         if run_dir.exists() and any(run_dir.iterdir()):
             if not overwrite:
@@ -386,12 +488,30 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
             "records": {"path": str(records_dir.resolve()), "vocab_sha256": manifest["vocab_sha256"],
                         "train_images": manifest["splits"]["train"]["images"]}})
     steps_per_epoch = _steps_per_epoch(manifest, "train", train_config)
-    trainer = _Trainer(captioner, train_config, steps_per_epoch * train_config.epochs, run_dir, reward)
+    trainer = _Trainer(captioner, train_config, steps_per_epoch * (train_config.schedule_epochs or train_config.epochs),
+                       run_dir, reward)
     if resume:
         latest = trainer.manager.latest_checkpoint
         if latest is None:
             raise TfcapError(f"{run_dir} has no checkpoint to resume from")
-        trainer.checkpoint.restore(latest).assert_existing_objects_matched()
+        if "loss_sum/.ATTRIBUTES/VARIABLE_VALUE" in dict(tf.train.list_variables(latest)):
+            trainer.checkpoint.restore(latest).assert_existing_objects_matched()
+        else:
+            trainer.checkpoint_without_sums.restore(latest).assert_existing_objects_matched()
+            if int(trainer.step_in_epoch):
+                click.echo("note: a checkpoint of an older tfcap, without the epoch's running sums: the metrics of "
+                           f"epoch {int(trainer.epoch) + 1} cover only the steps after step {int(trainer.step_in_epoch)}",
+                           err=True)
+        _forget_unsaved_epochs(run_dir / METRICS, int(trainer.epoch))
+        if dataclasses.asdict(train_config) != saved["train"]:  # --epochs changed: the run's config says so
+            write_text_atomic(run_dir / models.CONFIG,
+                              json.dumps({**saved, "train": dataclasses.asdict(train_config)}, indent=2) + "\n")
+        stopped_early = train_config.patience and int(trainer.bad_evals) >= train_config.patience
+        if int(trainer.epoch) >= train_config.epochs or stopped_early:
+            summary(f"train: {run_dir} has " + (f"stopped early after {int(trainer.epoch)} epochs"
+                                                if stopped_early else f"finished its {int(trainer.epoch)} epochs")
+                    + "; nothing to train" + ("" if stopped_early else " (--epochs N continues it to N)"))
+            return {"epochs": int(trainer.epoch), "seconds": 0.0, "best_score": float(trainer.best_score)}
         click.echo(f"resuming {run_dir} at epoch {int(trainer.epoch) + 1}, step {int(trainer.step_in_epoch)}",
                    err=True)
     result = trainer.fit(train_features, val_features, steps_per_epoch, show_progress)
