@@ -268,3 +268,18 @@ def test_records_written_chunk_by_chunk_equal_those_of_one_chunk(kaggle_dataset,
     a, b = manifest(tmp_path / "one"), manifest(tmp_path / "chunks")
     assert a["splits"] == b["splits"] and a["vocab_sha256"] == b["vocab_sha256"]
     assert a["truncated_captions"] == b["truncated_captions"] == 60
+
+
+def test_a_failure_inside_the_write_pass_is_raised_not_taken_for_unreadable_images(kaggle_dataset, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setattr(records, "_FORMATS", ())  # any bug in the chunk generator, which ignore_errors follows
+    result = run(kaggle_dataset, "-o", tmp_path / "rec", ok=False)
+    assert isinstance(result.exception, IndexError) and not (tmp_path / "rec").exists()
+
+
+def test_a_lone_surrogate_in_json_captions_is_replaced_not_a_crash(tmp_path):
+    path = karpathy_dataset(tmp_path / "k")
+    path.write_text(path.read_text().replace('"raw": "A red circle."', '"raw": "A red \\ud83d circle."'))
+    out = tmp_path / "rec"
+    run(path, "-o", out)
+    assert examples(out)["k0.jpg"]["captions"][0].decode() == "A red ? circle."

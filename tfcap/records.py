@@ -257,13 +257,19 @@ def _write_pass(scratch: Path, source: datasets.Source, files: _Files, planned: 
             shards.append(_Shard(split, shard_name(split, shard, n_shards, config.compression)))
         offset += count
 
+    generator_failed: list[BaseException] = []
+
     def chunks():
-        for lo in range(0, len(order), _CHUNK):
-            names = [ids[k] for k in order[lo:lo + _CHUNK]]
-            texts = [source.captions[i] for i in names]
-            yield (np.arange(lo, lo + len(names), dtype=np.int64), [source.path(i) for i in names], names,
-                   [_FORMATS[files.formats[k]] for k in order[lo:lo + _CHUNK]], [c for t in texts for c in t],
-                   np.array([len(t) for t in texts], np.int64))
+        try:
+            for lo in range(0, len(order), _CHUNK):
+                names = [ids[k] for k in order[lo:lo + _CHUNK]]
+                texts = [source.captions[i] for i in names]
+                yield (np.arange(lo, lo + len(names), dtype=np.int64), [source.path(i) for i in names], names,
+                       [_FORMATS[files.formats[k]] for k in order[lo:lo + _CHUNK]], [c for t in texts for c in t],
+                       np.array([len(t) for t in texts], np.int64))
+        except BaseException as e:  # `ignore_errors` below would take it for unreadable images: raised after the loop
+            generator_failed.append(e)
+            raise
 
     # No autograph: there is no Python control flow to convert, and converting costs a second.
     @tf.autograph.experimental.do_not_convert
@@ -331,6 +337,8 @@ def _write_pass(scratch: Path, source: datasets.Source, files: _Files, planned: 
             written[indices] = True
             n_truncated += int(truncated.numpy().sum())
             advance(len(indices))
+        if generator_failed:
+            raise generator_failed[0]
         open_through(len(shards) - 1)  # empty trailing shards still exist, so names stay consistent
         if writer is not None:
             close()

@@ -51,6 +51,8 @@ class Captions(Mapping):
     def add(self, name: str, caption: str) -> None:
         """Add `caption` to the image named `name` (a spelling of its id)."""
         caption = caption.replace(_SEPARATOR, " ")
+        if not caption.isascii():  # a lone surrogate (JSON's "\ud83d") has no UTF-8: "?" for it
+            caption = caption.encode("utf-8", "replace").decode("utf-8")
         key = image_id(name)
         joined = self._joined.get(key)
         if joined is None:
