@@ -216,6 +216,17 @@ def test_flickr30k_malformed_line_names_file_and_line_unless_skipped(tmp_path):
     assert len(m["bad_lines"]) == 1 and m["captions_written"] == 49
 
 
+def test_flickr30k_with_karpathy_json_beside_takes_its_splits(tmp_path):
+    data = flickr30k_dataset(tmp_path / "f30k", count=4)
+    entries = [{"filename": f"{1000 + i}.jpg", "split": split, "sentences": [{"raw": "x", "tokens": ["x"]}]}
+               for i, split in enumerate(["test", "train", "restval"])]
+    (data / "dataset_flickr30k.json").write_text(json.dumps({"images": entries}))
+    run(data, "-o", tmp_path / "rec", "--no-restval")
+    m = manifest(tmp_path / "rec")
+    assert m["source"]["split_source"] == "karpathy" and m["unsplit_images"] == 2  # 1002 (restval) and 1003
+    assert {i: ex["split"] for i, ex in examples(tmp_path / "rec").items()} == {"1000.jpg": "test", "1001.jpg": "train"}
+
+
 def test_layout_option_picks_one_of_several_in_a_folder(tmp_path):
     data = flickr30k_dataset(tmp_path / "both", count=4)
     karpathy_dataset(data)
