@@ -104,7 +104,8 @@ print(time.perf_counter() - start)
 def build_in_child(data: Path, out: Path) -> tuple[float, float]:
     """(seconds building, from reading the captions on; peak RSS in MB) of one build in a child process."""
     shutil.rmtree(out, ignore_errors=True)
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(data), str(out)], stdout=subprocess.PIPE,
+    # -P: no current folder on sys.path, so the child imports the tfcap that PYTHONPATH names, as this process does.
+    child = subprocess.Popen([sys.executable, "-P", "-c", _CHILD, str(data), str(out)], stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True)
     output = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)
