@@ -463,7 +463,9 @@ EDGES = {  # case -> (make the input: (world, tmp) -> path, arguments, what the 
                               ["config.json is damaged"]),
     "export config of no model": (_file("config.json", b'{"model": {"encoder": {}}}'), lambda w, t, x: [
         "export", t, "-o", t / "sm"], ["config.json does not describe a model"]),
-    "evaluate no mode": (None, lambda w, t, x: ["evaluate", w.records], ["give exactly one of"]),
+    "evaluate no mode": (None, lambda w, t, x: ["evaluate"], ["give exactly one of"]),  # (RECORDS alone: bundled model)
+    "evaluate two modes": (None, lambda w, t, x: ["evaluate", "--model", w.run, "--human-baseline", w.records],
+                           ["give exactly one of"]),
     "evaluate model without records": (None, lambda w, t, x: ["evaluate", "--model", w.run], ["RECORDS"]),
     "evaluate unknown split": (None, lambda w, t, x: ["evaluate", "--model", w.run, w.records, "--split", "bogus",
                                                       "-o", t / "e"], ["no split 'bogus'"]),

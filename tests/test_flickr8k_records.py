@@ -1,5 +1,6 @@
-"""Real Flickr8k (run when TFCAP_FLICKR8K is set): both layouts give the official splits and identical records."""
+"""Real Flickr8k (run when TFCAP_FLICKR8K is set): its layouts (Kaggle, original, Karpathy JSON) give the official splits and identical records."""
 
+import csv
 import json
 
 from click.testing import CliRunner
@@ -31,3 +32,34 @@ def test_kaggle_and_original_layouts_agree_on_splits_vocabulary_and_token_ids(tm
         b = {ex["image_id"]: (ex["caption_ids"], ex["captions"]) for ex in records.iterate_examples(original, split)}
         assert a == b
         assert all(len(ids) == 5 for ids, _ in a.values())
+
+
+def test_flickr8k_as_karpathy_json_gives_the_records_of_the_kaggle_layout(tmp_path):
+    """Flickr8k converted to Karpathy's dataset_flickr8k.json format (tokens deliberately not tfcap's)."""
+    data = flickr8k()
+    split_of = {}
+    for split, name in (("train", "trainImages"), ("val", "devImages"), ("test", "testImages")):
+        split_of.update({n: split for n in (data / "Flickr8k_text" / f"Flickr_8k.{name}.txt").read_text().split()})
+    with open(data / "captions.txt", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))[1:]
+    images: dict[str, list[str]] = {}
+    for image, caption in rows:
+        images.setdefault(image, []).append(caption)
+    entries = [{"filename": image, "imgid": k, "split": split_of[image],
+                "sentences": [{"raw": c, "tokens": c.lower().split(), "imgid": k} for c in captions]}
+               for k, (image, captions) in enumerate(images.items()) if image in split_of]
+    karpathy_json = tmp_path / "dataset_flickr8k.json"
+    karpathy_json.write_text(json.dumps({"images": entries, "dataset": "flickr8k"}))
+
+    kaggle, karpathy = tmp_path / "kaggle", tmp_path / "karpathy"
+    for args, out in [([str(data)], kaggle), ([str(karpathy_json), "--images", str(data / "Images")], karpathy)]:
+        result = CliRunner().invoke(main, ["build-records", *args, "-o", str(out), "--quiet"])
+        assert result.exit_code == 0, result.output
+    mk, mj = (json.loads((d / "manifest.json").read_text()) for d in (kaggle, karpathy))
+    assert mj["source"]["layout"] == "karpathy" and mj["vocab_sha256"] == mk["vocab_sha256"]
+    assert (kaggle / "vocab.txt").read_text() == (karpathy / "vocab.txt").read_text()
+    for split in ("train", "val", "test"):
+        assert mj["splits"][split]["images"] == mk["splits"][split]["images"]
+        a = {ex["image_id"]: (ex["caption_ids"], ex["captions"]) for ex in records.iterate_examples(kaggle, split)}
+        b = {ex["image_id"]: (ex["caption_ids"], ex["captions"]) for ex in records.iterate_examples(karpathy, split)}
+        assert a == b

@@ -72,3 +72,22 @@ def test_caption_dir_output_in_use_is_refused_and_left_alone(tmp_path, held_by_a
     with pytest.raises(TfcapError, match=rf"out.jsonl is in use by another tfcap process \(pid {holder.pid}\)"):
         caption.caption_directory(None, tmp_path / "images", out, fmt="jsonl", resume=resume, overwrite=not resume)
     assert out.read_bytes() == before
+
+
+def test_lock_file_is_removed_by_its_owner_and_a_lock_taken_meanwhile_is_not_lost(tmp_path):
+    out = tmp_path / "out.csv"
+    first = OutputLock(out)
+    assert first.path.is_file()
+    first.release()
+    assert not first.path.exists()  # nothing left beside the output
+    # A process that opened the old lock file before its owner removed it must not think it holds
+    # the lock while a third takes the new file: the flock-then-check-inode loop retries.
+    holder = OutputLock(out)
+    stale = os.open(holder.path, os.O_RDWR)
+    holder.release()
+    again = OutputLock(out)
+    assert again.path.is_file() and os.fstat(stale).st_ino != os.stat(again.path).st_ino
+    with pytest.raises(TfcapError, match="in use"):
+        OutputLock(out)
+    os.close(stale)
+    again.release()

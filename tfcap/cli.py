@@ -92,7 +92,8 @@ def main():
 @main.command("build-records")
 @click.argument("data", type=PathArg, required=False)
 @click.option("-o", "--out", type=PathArg, required=True, help="Output folder for shards, vocab.txt, manifest.json.")
-@click.option("--layout", type=click.Choice(["auto", "kaggle", "original", "generic"]), default="auto",
+@click.option("--layout", type=click.Choice(["auto", "kaggle", "original", "flickr30k", "coco", "karpathy", "generic"]),
+              default="auto",
               show_default=True, help="Dataset layout of DATA.")
 @click.option("--captions", "captions_file", type=PathArg, help="Generic layout: CSV with image,caption[,split] header.")
 @click.option("--images", "images_dir", type=PathArg, help="Images folder (generic layout, or to override).")
@@ -105,24 +106,28 @@ def main():
 @click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=100.0, show_default=True, help="Target shard size in MB.")
 @click.option("--compression", type=click.Choice(["none", "gzip"]), default="none", show_default=True)
 @click.option("--skip-bad-lines", is_flag=True, help="Skip unparsable caption lines instead of stopping.")
+@click.option("--no-restval", is_flag=True, help="Karpathy splits: leave restval images out instead of in train.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def build_records_command(data, out, layout, captions_file, images_dir, min_count, max_length, val_fraction,
-                          test_fraction, seed, shards, shard_mb, compression, skip_bad_lines, overwrite, quiet):
+                          test_fraction, seed, shards, shard_mb, compression, skip_bad_lines, no_restval, overwrite,
+                          quiet):
     """Images and captions in DATA into sharded TFRecords in OUT.
 
     DATA is a Kaggle Flickr8k folder (captions.txt, Images/), an original Flickr8k folder
-    (Flickr8k.token.txt and split files), or omitted with --captions FILE.csv --images DIR.
+    (Flickr8k.token.txt and split files), a Kaggle Flickr30k folder (results.csv), a COCO folder
+    (annotations/captions_*.json), a Karpathy dataset_*.json (or its folder), or omitted with
+    --captions FILE.csv --images DIR.
     """
-    from tfcap import layouts, outputs, records, text
+    from tfcap import datasets, outputs, records, text
 
     outputs.check_output(out, overwrite, {"dataset": data, "captions file": captions_file,
                                           "images folder": images_dir})
-    source = layouts.read_source(data, captions_file=captions_file, images_dir=images_dir, layout=layout,
-                                 skip_bad_lines=skip_bad_lines)
+    source = datasets.read_source(data, captions_file=captions_file, images_dir=images_dir, layout=layout,
+                                  skip_bad_lines=skip_bad_lines, restval=not no_restval)
     config = records.RecordsConfig(
         text=text.TextConfig(max_length=max_length),
-        split=layouts.SplitConfig(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed),
+        split=datasets.SplitConfig(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed),
         min_count=min_count, shards=shards, shard_mb=shard_mb,
         compression=None if compression == "none" else compression)
     records.build_records(source, out, config, overwrite=overwrite, show_progress=not quiet)

@@ -135,32 +135,51 @@ class OutputLock:
 
     It is an flock on the hidden sibling `.{name}.lock`, which holds the owner's pid. The OS
     releases it when the process ends, however it ends (SIGKILL too), so a lock is never stale;
-    the small file stays. flock belongs to the open file description: a second OutputLock on the
+    the owner removes the file when it releases the lock (after a SIGKILL the small file stays). flock belongs to the open file description: a second OutputLock on the
     same output fails in the same process as in another one. Also a context manager.
 
     Raises TfcapError `... is in use by another tfcap process (pid N)` when the output is locked.
     """
 
     def __init__(self, target: Path):
-        self._fd = None
+        self._fd, self._owner = None, False
         resolved = Path(target).resolve()  # ./out.csv, /abs/out.csv and a symlink to it: one lock
         self.path = resolved.parent / f".{resolved.name}.lock"
-        try:
-            resolved.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise TfcapError(f"cannot write {target}: {e.strerror}") from None
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            owner = os.read(self._fd, 32).decode("ascii", "replace").strip() or "unknown"
+        while True:
+            try:
+                resolved.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise TfcapError(f"cannot write {target}: {e.strerror}") from None
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(self._fd, 32).decode("ascii", "replace").strip() or "unknown"
+                self.release()
+                raise TfcapError(f"{target} is in use by another tfcap process (pid {owner})") from None
+            # The owner before us unlinks the file when it is done: if it did so between our open and
+            # our flock, we hold a lock on a file nobody else will see; take the new one instead.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(self._fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             self.release()
-            raise TfcapError(f"{target} is in use by another tfcap process (pid {owner})") from None
+        self._owner = True
         os.ftruncate(self._fd, 0)
         os.write(self._fd, f"{os.getpid()}\n".encode())
 
     def release(self) -> None:
+        """Drop the lock; the owner also removes the lock file (still holding the lock, so a process that
+        opened it meanwhile sees it gone and retries), leaving nothing behind."""
         if self._fd is not None:
+            if self._owner:
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+                self._owner = False
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 

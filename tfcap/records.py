@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 import tfcap
-from tfcap import images, layouts, text
+from tfcap import datasets, images, text
 from tfcap.errors import TfcapError
 from tfcap.outputs import atomic_directory, sha256_file, write_text_atomic
 from tfcap.progress import Stopwatch, progress_bar, summary
@@ -49,7 +49,7 @@ class RecordsConfig:
     """Everything that decides the content of a records folder. Saved in its manifest."""
 
     text: text.TextConfig = text.TextConfig()
-    split: layouts.SplitConfig = layouts.SplitConfig()
+    split: datasets.SplitConfig = datasets.SplitConfig()
     min_count: int = 5  # train-split occurrences a word needs to enter the vocabulary
     shards: int | None = None  # shards per split; None: enough for about `shard_mb` each
     shard_mb: float = 100.0
@@ -151,55 +151,79 @@ def _write_record(writer: tf.io.TFRecordWriter, record: bytes) -> None:
     writer.write(record)
 
 
-def _shard_counts(sizes_by_split: dict[str, list[int]], config: RecordsConfig) -> dict[str, int]:
+def _shard_counts(sizes_by_split: dict[str, np.ndarray], config: RecordsConfig) -> dict[str, int]:
     counts = {}
     for split, sizes in sizes_by_split.items():
-        if not sizes:
+        if not len(sizes):
             counts[split] = 0
         elif config.shards:
             counts[split] = min(config.shards, len(sizes))
         else:
-            counts[split] = max(1, min(len(sizes), math.ceil(sum(sizes) / (config.shard_mb * 1e6))))
+            counts[split] = max(1, min(len(sizes), math.ceil(int(sizes.sum()) / (config.shard_mb * 1e6))))
     return counts
 
 
-@dataclasses.dataclass(frozen=True)
-class _File:
-    """An image file as its first bytes show it (`images.first_look`)."""
-    path: str
-    format: str | None
-    size: int
+_FORMATS = (None, "jpeg", "png", "gif", "bmp", "webp")  # image format codes in `_Files.formats`
+_SPLIT_CODES = {split: code for code, split in enumerate(datasets.SPLITS)}
+_CHUNK = 1024  # images whose captions are tokenized and serialized together: bounds memory, not speed
 
 
-def _first_looks(paths: list[str]) -> list[tuple[str | None, str | None, int]]:
-    """`images.first_look` of each path, from 16 threads: on a cold page cache, many reads in
-    flight let the disk, not a one-at-a-time loop, set the pace (2.5x faster on Flickr8k)."""
-    chunks = [paths[k:k + 256] for k in range(0, len(paths), 256)]
+@dataclasses.dataclass
+class _Files:
+    """What a first look at each image file showed, as arrays indexed like `ids`: a few bytes per
+    image rather than Python objects, so that COCO-scale builds stay small."""
+    ids: list[str]
+    formats: np.ndarray  # int8, index into _FORMATS; 0 where unusable
+    sizes: np.ndarray  # int64 bytes
+    reasons: dict[str, str]  # id -> why it is certainly unusable, for those few
+
+
+def _first_looks(source: datasets.Source, ids: list[str]) -> _Files:
+    """`images.first_look` of each image, from 16 threads: on a cold page cache, many reads in
+    flight let the disk, not a one-at-a-time loop, set the pace (2.5x faster on Flickr8k). Files
+    missing under their name are looked for in another Unicode normal form (`Source.find_renamed`)."""
+    files = _Files(ids, np.zeros(len(ids), np.int8), np.zeros(len(ids), np.int64), {})
+    codes = {name: code for code, name in enumerate(_FORMATS)}
+
+    def look(positions):
+        return positions, [images.first_look(source.path(ids[k])) for k in positions]
+
+    def record(positions):
+        window = [positions[k:k + 256] for k in range(0, len(positions), 256)]
+        for chunk, looks in pool.map(look, window):
+            for k, (reason, image_format, size) in zip(chunk, looks):
+                files.formats[k], files.sizes[k] = codes.get(image_format, 0), size
+                if reason:
+                    files.reasons[ids[k]] = reason
+                else:
+                    files.reasons.pop(ids[k], None)
+
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        return [look for chunk in pool.map(lambda c: [images.first_look(p) for p in c], chunks) for look in chunk]
+        for lo in range(0, len(ids), 256 * 64):  # a window at a time: no list of every path
+            record(range(lo, min(lo + 256 * 64, len(ids))))
+        missing = [i for i, reason in files.reasons.items() if reason == "missing"]
+        renamed = set(source.find_renamed(missing)) if missing else set()
+        if renamed:
+            record([k for k, i in enumerate(ids) if i in renamed])
+    return files
 
 
-class _Captions:
-    """The captions of a set of images, tokenized once, whatever images each pass keeps."""
+def _tokenizer(config: text.TextConfig):
+    """`text.tokenize` as one graph, traced once for the vocabulary and the write pass (tracing costs ~0.5 s)."""
+    return tf.function(lambda texts: text.tokenize(texts, config), input_signature=[tf.TensorSpec([None], tf.string)],
+                       autograph=False)
 
-    def __init__(self, source: layouts.Source, image_ids: list[str], config: text.TextConfig):
-        self.source, self.config = source, config
-        self.first: dict[str, int] = {}  # image id -> its first caption's row
-        texts: list[str] = []
-        for i in image_ids:
-            self.first[i] = len(texts)
-            texts.extend(source.captions[i])
-        self.tokens = text.tokenize(tf.constant(texts, tf.string), config)
 
-    def tokens_of(self, image_ids: list[str]) -> tf.RaggedTensor:
-        """The tokens of these images' captions, image by image: tf.string ragged [captions, (words)]."""
-        rows = [np.arange(self.first[i], self.first[i] + len(self.source.captions[i])) for i in image_ids]
-        return tf.gather(self.tokens, np.concatenate(rows) if rows else np.zeros(0, np.int64))
-
-    def encode(self, image_ids: list[str], vocab: text.Vocabulary) -> tuple[tf.RaggedTensor, tf.Tensor]:
-        """`text.encode_captions` of these images' captions, from the tokens made once."""
-        tokens = self.tokens_of(image_ids)
-        return vocab.encode(tokens[:, :self.config.max_length]), tokens.row_lengths() > self.config.max_length
+def _vocabulary(source: datasets.Source, ids: list[str], train: np.ndarray, config: RecordsConfig,
+                tokenize) -> text.Vocabulary:
+    """The vocabulary of the train images' captions (positions `train` in `ids`), counted a chunk at a time."""
+    counts: dict[bytes, int] = {}
+    for lo in range(0, len(train), _CHUNK):
+        texts = [c for k in train[lo:lo + _CHUNK] for c in source.captions[ids[k]]]
+        words, _, n = tf.unique_with_counts(tokenize(tf.constant(texts, tf.string)).flat_values)
+        for word, count in zip(words.numpy().tolist(), n.numpy().tolist()):
+            counts[word] = counts.get(word, 0) + count
+    return text.Vocabulary.from_counts([w.decode("utf-8") for w in counts], list(counts.values()), config.min_count)
 
 
 @dataclasses.dataclass
@@ -210,36 +234,24 @@ class _Shard:
     sha256: str = ""
 
 
-def _write_pass(scratch: Path, source: layouts.Source, files: dict[str, _File], captions: _Captions,
-                planned: dict[str, list[str]], vocab: text.Vocabulary, config: RecordsConfig,
-                show_progress: bool) -> tuple[list[_Shard], set[str], int]:
+def _write_pass(scratch: Path, source: datasets.Source, files: _Files, planned: dict[str, np.ndarray],
+                vocab: text.Vocabulary, config: RecordsConfig, tokenize,
+                show_progress: bool) -> tuple[list[_Shard], np.ndarray, int]:
     """Read, check (`images.check`) and write the planned images in one parallel tf.data pass.
 
-    Returns the shards written, the ids of images that failed to read or check (skipped), and
-    the number of captions truncated. Record order is split by split, ids sorted, so the output
-    is deterministic.
+    `planned`: split -> positions in `files.ids`, in record order. Captions are tokenized, encoded
+    and serialized in the pipeline, `_CHUNK` images at a time, so memory does not grow with the
+    dataset. Returns the shards written, the positions of images that failed to read or check
+    (skipped), and the number of captions truncated in the records written.
     """
-    image_ids = [i for split in layouts.SPLITS for i in planned[split]]
-    caption_counts = [len(source.captions[i]) for i in image_ids]
-    caption_texts = [c for i in image_ids for c in source.captions[i]]
-    encoded, truncated = captions.encode(image_ids, vocab)
-    caption_lengths = encoded.row_lengths()
-    first_caption = np.concatenate([[0], np.cumsum(caption_counts)])
-    caption_offsets = np.concatenate([[0], np.cumsum(caption_lengths.numpy())])  # caption k: ids[off[k]:off[k+1]]
-    # The features that do not depend on the image file, serialized for all images at once.
-    known = _features_message({
-        "image/format": tf.constant([files[i].format for i in image_ids], tf.string),
-        "image/id": tf.constant(image_ids, tf.string),
-        "caption/text": tf.RaggedTensor.from_row_lengths(tf.constant(caption_texts, tf.string), caption_counts),
-        "caption/ids": tf.RaggedTensor.from_row_lengths(encoded.flat_values, np.diff(caption_offsets[first_caption])),
-        "caption/length": tf.RaggedTensor.from_row_lengths(caption_lengths, caption_counts),
-    })
+    order = np.concatenate([planned[split] for split in datasets.SPLITS]).astype(np.int64)
+    ids, max_length = files.ids, config.text.max_length
 
     # Shards are contiguous runs of images within a split, sized by bytes on disk.
-    shard_counts = _shard_counts({s: [files[i].size for i in planned[s]] for s in layouts.SPLITS}, config)
-    shards, shard_of = [], np.zeros(len(image_ids), np.int64)
+    shard_counts = _shard_counts({s: files.sizes[planned[s]] for s in datasets.SPLITS}, config)
+    shards, shard_of = [], np.zeros(len(order), np.int64)
     offset = 0
-    for split in layouts.SPLITS:
+    for split in datasets.SPLITS:
         count, n_shards = len(planned[split]), shard_counts[split]
         for shard in range(n_shards):
             lo, hi = offset + shard * count // n_shards, offset + (shard + 1) * count // n_shards
@@ -247,28 +259,60 @@ def _write_pass(scratch: Path, source: layouts.Source, files: dict[str, _File], 
             shards.append(_Shard(split, shard_name(split, shard, n_shards, config.compression)))
         offset += count
 
+    generator_failed: list[BaseException] = []
+
+    def chunks():
+        try:
+            for lo in range(0, len(order), _CHUNK):
+                names = [ids[k] for k in order[lo:lo + _CHUNK]]
+                texts = [source.captions[i] for i in names]
+                yield (np.arange(lo, lo + len(names), dtype=np.int64), [source.path(i) for i in names], names,
+                       [_FORMATS[files.formats[k]] for k in order[lo:lo + _CHUNK]], [c for t in texts for c in t],
+                       np.array([len(t) for t in texts], np.int64))
+        except BaseException as e:  # `ignore_errors` below would take it for unreadable images: raised after the loop
+            generator_failed.append(e)
+            raise
+
     # No autograph: there is no Python control flow to convert, and converting costs a second.
     @tf.autograph.experimental.do_not_convert
-    def read_and_check(index, path):
-        data = tf.io.read_file(path)
-        return index, data, images.check(data)
+    def known_features(indices, paths, image_ids, formats, texts, counts):
+        """The features that do not depend on the image file, serialized for a chunk of images."""
+        tokens = tokenize(texts)
+        encoded = vocab.encode(tokens[:, :max_length])
+        lengths = tf.RaggedTensor.from_row_lengths(encoded.row_lengths(), counts)
+        known = _features_message({
+            "image/format": formats,
+            "image/id": image_ids,
+            "caption/text": tf.RaggedTensor.from_row_lengths(texts, counts),
+            "caption/ids": tf.RaggedTensor.from_row_lengths(encoded.flat_values, tf.reduce_sum(lengths, axis=1)),
+            "caption/length": lengths,
+        })
+        truncated = tf.RaggedTensor.from_row_lengths(tf.cast(tokens.row_lengths() > max_length, tf.int64), counts)
+        return indices, paths, known, tf.reduce_sum(truncated, axis=1)
 
     @tf.autograph.experimental.do_not_convert
-    def serialize(indices, datas, shapes):
-        size = _features_message({"image/height": shapes[:, 0], "image/width": shapes[:, 1]})
-        return indices, _serialize_examples(datas, tf.strings.join([size, tf.gather(known, indices)]))
+    def read_and_check(index, path, known, truncated):
+        data = tf.io.read_file(path)
+        return index, data, images.check(data), known, truncated
 
-    path_strings = tf.constant([files[i].path for i in image_ids] or [""], tf.string)
-    stream = (without_autotuning(tf.data.Dataset.from_tensor_slices((tf.range(len(image_ids), dtype=tf.int64),
-                                                                     path_strings)))
-              .take(len(image_ids))
+    @tf.autograph.experimental.do_not_convert
+    def serialize(indices, datas, shapes, known, truncated):
+        size = _features_message({"image/height": shapes[:, 0], "image/width": shapes[:, 1]})
+        return indices, _serialize_examples(datas, tf.strings.join([size, known])), truncated
+
+    vector = tf.TensorSpec([None], tf.string)
+    signature = (tf.TensorSpec([None], tf.int64), vector, vector, vector, vector, tf.TensorSpec([None], tf.int64))
+    stream = (without_autotuning(tf.data.Dataset.from_generator(chunks, output_signature=signature))
+              .map(known_features, num_parallel_calls=tf.data.AUTOTUNE)
+              .unbatch()
               .map(read_and_check, num_parallel_calls=tf.data.AUTOTUNE)
               .ignore_errors()  # failures show up as gaps in the index sequence, diagnosed afterwards
               .batch(_BATCH)
               .map(serialize, num_parallel_calls=tf.data.AUTOTUNE)
               .prefetch(tf.data.AUTOTUNE))
     options = tf.io.TFRecordOptions(compression_type=_tf_compression(config.compression))
-    written: set[int] = set()
+    written = np.zeros(len(order), bool)
+    n_truncated = 0
     writer, current = None, -1
     hashes: list[concurrent.futures.Future] = []
 
@@ -285,28 +329,27 @@ def _write_pass(scratch: Path, source: layouts.Source, files: dict[str, _File], 
             writer = tf.io.TFRecordWriter(str(scratch / shards[current].name), options)
 
     with (concurrent.futures.ThreadPoolExecutor(1) as hasher,
-          progress_bar(len(image_ids), "writing records", show_progress) as advance):
-        for indices, serialized in stream:
+          progress_bar(len(order), "writing records", show_progress) as advance):
+        for indices, serialized, truncated in stream:
             indices = indices.numpy()
             for k, record in zip(indices, serialized.numpy()):
                 open_through(shard_of[k])
                 _write_record(writer, record)
                 shards[current].records += 1
-            written.update(indices.tolist())
+            written[indices] = True
+            n_truncated += int(truncated.numpy().sum())
             advance(len(indices))
+        if generator_failed:
+            raise generator_failed[0]
         open_through(len(shards) - 1)  # empty trailing shards still exist, so names stay consistent
         if writer is not None:
             close()
     for shard, digest in zip(shards, hashes):
         shard.sha256 = digest.result()
-    failed = {image_ids[k] for k in range(len(image_ids)) if k not in written}
-    image_written = np.zeros(len(image_ids), bool)
-    image_written[list(written)] = True
-    n_truncated = int(truncated.numpy()[np.repeat(image_written, np.diff(first_caption))].sum())
-    return shards, failed, n_truncated
+    return shards, order[~written], n_truncated
 
 
-def build_records(source: layouts.Source, out: Path, config: RecordsConfig = RecordsConfig(), *,
+def build_records(source: datasets.Source, out: Path, config: RecordsConfig = RecordsConfig(), *,
                   overwrite: bool = False, show_progress: bool = True) -> dict:
     """Validate, tokenize and write `source` as sharded TFRecords in `out`; return the manifest.
 
@@ -318,6 +361,9 @@ def build_records(source: layouts.Source, out: Path, config: RecordsConfig = Rec
     train captions of the images that pass a first look at their first bytes (present,
     non-empty, a known format). If the check then rejects a train image, the pass is redone
     without it, so the vocabulary always counts exactly the train images written.
+
+    Memory: beyond the captions (`source.captions`), a few bytes per image; captions are
+    tokenized and records serialized a chunk of images at a time.
     """
     if config.compression not in (None, "gzip"):
         raise TfcapError(f"--compression must be gzip or none, not {config.compression}")
@@ -329,37 +375,34 @@ def build_records(source: layouts.Source, out: Path, config: RecordsConfig = Rec
         # Every image named by the captions is checked, also those in no split, so that every
         # broken one is reported (the bogus Flickr8k id `...jpg.1` is in no split).
         ids = list(source.captions)
-        files, reasons = {}, {}
-        paths = [source.path(i) for i in ids]
-        for i, path, (reason, image_format, size) in zip(ids, paths, _first_looks(paths)):
-            files[i] = _File(path, image_format, size)
-            if reason:
-                reasons[i] = reason
-        split_of, unsplit = layouts.assign_splits([i for i in ids if i not in reasons], source, config.split)
-        captions = _Captions(source, list(split_of), config.text)
-        failed: set[str] = set()
+        files = _first_looks(source, ids)
+        split_of, unsplit = datasets.assign_splits([i for i in ids if i not in files.reasons], source, config.split)
+        split_codes = np.fromiter((_SPLIT_CODES.get(split_of.get(i), -1) for i in ids), np.int8, len(ids))
+        del split_of
+        by_id = np.array(sorted(range(len(ids)), key=ids.__getitem__), np.int64)  # records in id order
+        failed = np.zeros(len(ids), bool)
+        tokenize = _tokenizer(config.text)
         while True:
-            planned = {s: sorted(i for i, si in split_of.items() if si == s and i not in failed)
-                       for s in layouts.SPLITS}
-            if not any(source.captions[i] for i in planned["train"]):
+            planned = {s: by_id[(split_codes[by_id] == code) & ~failed[by_id]] for s, code in _SPLIT_CODES.items()}
+            if not len(planned["train"]):
                 raise TfcapError("no usable image in the train split: nothing to build a vocabulary from")
-            vocab = text.Vocabulary.build(captions.tokens_of(planned["train"]), config.min_count)
+            vocab = _vocabulary(source, ids, planned["train"], config, tokenize)
             for stale in scratch.iterdir():
                 stale.unlink()
-            shards, newly_failed, n_truncated = _write_pass(scratch, source, files, captions, planned, vocab, config,
+            shards, newly_failed, n_truncated = _write_pass(scratch, source, files, planned, vocab, config, tokenize,
                                                             show_progress)
-            failed |= newly_failed
-            if not any(split_of[i] == "train" for i in newly_failed):
+            failed[newly_failed] = True
+            if not (split_codes[newly_failed] == _SPLIT_CODES["train"]).any():
                 break  # the vocabulary counted exactly the train images written
         vocab.save(scratch / VOCAB)
-        reasons.update({i: images.diagnose(files[i].path) for i in sorted(failed)})
-        skipped = [{"image": i, "reason": reasons[i]} for i in ids if i in reasons]
+        files.reasons.update({ids[k]: images.diagnose(source.path(ids[k])) for k in np.flatnonzero(failed)})
+        skipped = [{"image": i, "reason": files.reasons[i]} for i in ids if i in files.reasons]
 
         splits_manifest = {}
-        for split in layouts.SPLITS:
-            kept = [i for i in planned[split] if i not in failed]
+        for split in datasets.SPLITS:
+            kept = planned[split][~failed[planned[split]]]
             splits_manifest[split] = {
-                "images": len(kept), "captions": sum(len(source.captions[i]) for i in kept),
+                "images": len(kept), "captions": sum(len(source.captions[ids[k]]) for k in kept),
                 "shards": [{"file": s.name, "records": s.records, "sha256": s.sha256,
                             "bytes": (scratch / s.name).stat().st_size} for s in shards if s.split == split]}
         n_images = sum(v["images"] for v in splits_manifest.values())
@@ -382,16 +425,18 @@ def build_records(source: layouts.Source, out: Path, config: RecordsConfig = Rec
             "captions_written": n_captions,
             "truncated_captions": n_truncated,
             "unsplit_images": len(unsplit),
+            "duplicate_captions": source.duplicate_captions,
             "skipped": skipped,
             "bad_lines": source.bad_lines,
         }
         (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
     seconds = clock.seconds
-    per_split = ", ".join(f"{s} {splits_manifest[s]['images']}" for s in layouts.SPLITS)
+    per_split = ", ".join(f"{s} {splits_manifest[s]['images']}" for s in datasets.SPLITS)
     summary(f"build-records: {n_images} images ({per_split}), {n_captions} captions, vocab {len(vocab)}; "
             f"{len(skipped)} skipped, {len(unsplit)} in no split, {n_truncated} captions truncated, "
-            f"{len(source.bad_lines)} bad lines; {seconds:.1f} s, {len(ids) / max(seconds, 1e-9):.0f} images/s -> {out}")
+            f"{len(source.bad_lines)} bad lines, {source.duplicate_captions} duplicate captions dropped; "
+            f"{seconds:.1f} s, {len(ids) / max(seconds, 1e-9):.0f} images/s -> {out}")
     return manifest
 
 
