@@ -19,7 +19,7 @@ import numpy as np
 from tfcap.errors import TfcapError
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT = "flickr8k-lite2-attention"
+DEFAULT = "flickr8k-lite2-merge"
 CARD = "card.json"
 
 

