@@ -96,9 +96,12 @@ def notebook_caption(files, captioner, pooled_model, decoder_model, max_len, sec
     from tfcap import encoder as encoders, text
 
     size = captioner.encoder.size
-    preprocess = getattr(keras.applications, {"xception": "xception", "mobilenet": "mobilenet",
-                                              "inception_v3": "inception_v3", "vgg16": "vgg16"}[
-        captioner.config.encoder.name]).preprocess_input
+    name = captioner.config.encoder.name
+    if name in encoders.LITE:  # not a Keras application: its own (x - 127) / 128, in NumPy as the notebook would
+        from tfcap.backbones.efficientnet_lite import preprocess
+    else:
+        preprocess = getattr(keras.applications, {"xception": "xception", "mobilenet": "mobilenet",
+                                                  "inception_v3": "inception_v3", "vgg16": "vgg16"}[name]).preprocess_input
     captions = []
     for path in files:
         image = Image.open(path).convert("RGB").resize((size, size))
