@@ -143,8 +143,11 @@ except TfcapError as e:
 
 
 def start_build(records_dir: Path, cache: Path, mode: str) -> subprocess.Popen:
+    # pytest-xdist's workers ignore SIGINT, and an ignored signal stays ignored in a child (Python then
+    # installs no KeyboardInterrupt handler): give the child the default disposition a shell gives.
     return subprocess.Popen([sys.executable, "-c", BUILD, str(records_dir), str(cache), mode], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_an_image_failing_while_the_feature_cache_is_built_is_one_line_not_a_hang(intact_records, tmp_path):
