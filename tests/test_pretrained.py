@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -15,8 +16,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from test_train import tiny_records  # noqa: F401 (fixture)
-from tfcap import pretrained
+from tfcap import model as models, pretrained
 from tfcap.cli import main
+from tfcap.errors import TfcapError
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_FILES = ("config.json", "vocab.txt", "best.weights.h5", "metrics.jsonl", "decoding.json", "card.json")
@@ -49,6 +51,28 @@ def test_bundled_model_is_there_and_small():
     assert card["test_scores"]["BLEU-4"] > 0.15 and "research" in card["licence"]
     assert json.loads((folder / "config.json").read_text())["model"]["encoder"]["weights"] == "imagenet"
     assert not (folder / "encoder.weights.h5").exists()  # ImageNet weights come from a dependency
+
+
+def test_a_run_directory_that_lost_its_encoder_weights_is_an_error_not_imagenet(tmp_path):
+    """Only a model marked so in config.json (tools/bundle_model.py) borrows the installed ImageNet
+    weights; a run directory without encoder.weights.h5 is an error even when it started from ImageNet."""
+    run = tmp_path / "run"
+    shutil.copytree(pretrained.path(), run)
+    config = json.loads((run / "config.json").read_text())
+    assert config["encoder_weights"] == models.FROM_DEPENDENCY
+    config["encoder_weights"] = {"id": "sha256:0123456789abcdef", "file_sha256": "0" * 64}  # as training writes it
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TfcapError, match="has no encoder.weights.h5"):
+        models.load_model(run)
+
+
+def test_models_command_without_bundled_models_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrained, "MODELS_DIR", tmp_path / "absent")
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 2 and result.output == "Error: this tfcap installation has no bundled model\n"
+    result = CliRunner().invoke(main, ["caption-dir", str(tmp_path), "-o", str(tmp_path / "out.csv")])
+    assert result.exit_code == 2 and "no bundled model 'flickr8k-lite2-merge'" in result.output
+    assert "pass --model" in result.output and not (tmp_path / "out.csv").exists()
 
 
 def test_commands_use_the_bundled_model_without_model_option(photos, tmp_path):

@@ -139,6 +139,19 @@ def load_vocabulary_checked(run_dir: Path, config: ModelConfig) -> text.Vocabula
     return vocab
 
 
+# config.json's "encoder_weights" of a bundled model (tools/bundle_model.py) whose encoder kept its
+# ImageNet weights: it ships without encoder.weights.h5, and they come from the Keras cache (or the
+# installed package they are converted from), as in training. Said explicitly, so that a run
+# directory that lost its encoder.weights.h5 is an error, not silently another encoder.
+FROM_DEPENDENCY = {"from": "imagenet"}
+
+
+def encoder_from_dependency(saved: dict) -> bool:
+    """Whether a run's config.json (as read) marks its encoder weights as the installed ImageNet ones."""
+    return (saved.get("encoder_weights") == FROM_DEPENDENCY and saved["model"]["encoder"]["weights"] == "imagenet"
+            and not saved.get("train", {}).get("train_encoder"))
+
+
 def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision: str | None = None, *,
                inference: bool = False) -> Captioner:
     """Rebuild the captioner from a run directory; TfcapError on a missing file or a vocab/config mismatch.
@@ -157,10 +170,7 @@ def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision:
         raise TfcapError(f"{run_dir / CONFIG} does not describe a model this tfcap builds ({type(e).__name__}: "
                          f"{e}); train again or restore it") from None
     vocab = load_vocabulary_checked(run_dir, config)
-    # A bundled model (tfcap.pretrained) whose encoder kept its ImageNet weights ships without them:
-    # they come from the Keras cache (or the package they are converted from), as in training.
-    imagenet_encoder = (config.encoder.weights == "imagenet" and not saved.get("train", {}).get("train_encoder")
-                        and not (run_dir / ENCODER_WEIGHTS).exists())
+    imagenet_encoder = encoder_from_dependency(saved)
     for name in ((weights,) if imagenet_encoder else (ENCODER_WEIGHTS, weights)):
         if not (run_dir / name).is_file():
             raise TfcapError(f"{run_dir} has no {name}; was training interrupted before the first epoch ended?")

@@ -4,7 +4,8 @@ right after install, offline, with no --model.
 Each lives in `tfcap/models/NAME/` as a run directory (config.json, vocab.txt, best.weights.h5,
 metrics.jsonl) plus `card.json`: what it was trained on, its test scores, licence and how it was
 made. A bundled model whose encoder kept its ImageNet weights has no encoder.weights.h5: those
-weights come from an installed dependency (`model.load_model` falls back to `weights="imagenet"`),
+weights come from an installed dependency (its config.json says `"encoder_weights": {"from": "imagenet"}`,
+and `model.load_model` then builds the encoder with `weights="imagenet"`),
 and the decoder's weights are stored in float16 to keep the wheel small.
 """
 

@@ -49,8 +49,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=pretrained.MODELS_DIR.parent) as scratch:
         bundle = Path(scratch) / args.name
         bundle.mkdir()
-        for name in (models.CONFIG, models.VOCAB, "metrics.jsonl"):
+        for name in (models.VOCAB, "metrics.jsonl"):
             shutil.copy2(args.run_dir / name, bundle / name)
+        (bundle / models.CONFIG).write_text(json.dumps({**saved, "encoder_weights": models.FROM_DEPENDENCY}, indent=2)
+                                            + "\n", encoding="utf-8")
         pretrained.store_float16(args.run_dir / models.DECODER_WEIGHTS, bundle / models.DECODER_WEIGHTS)
         decoding = {"beam_size": args.beam_size, "length_penalty": args.length_penalty}
         (bundle / DECODING).write_text(json.dumps(decoding) + "\n")
