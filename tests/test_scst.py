@@ -10,7 +10,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from test_train import TINY_ENCODER, epochs_logged, fit, tiny_records  # noqa: F401 (fixture)
-from tfcap import beam, evaluate, metrics, text, train
+from tfcap import beam, evaluate, metrics, scst, text, train
 from tfcap.cli import main
 from tfcap.errors import TfcapError
 
@@ -88,6 +88,37 @@ def test_sample_search_is_seeded_follows_the_distribution_and_forbids_special_to
     first = np.bincount(tokens[:, 0], minlength=vocab) / 4000
     allowed = np.array([0, 0, 0, 0, 0.1, 0.15, 0.05, 0]) / 0.3
     np.testing.assert_allclose(first, allowed, atol=0.03)
+
+
+def test_policy_loss_uses_the_sampling_distribution_and_never_moves_forbidden_tokens():
+    """The REINFORCE loss scores samples under the distribution they were drawn from (forbidden tokens
+    masked, the rest renormalized): with the plain softmax, a negative advantage pushed probability onto
+    <unk>/<pad>/<start>, which sampling never draws back (how SCST collapsed on Flickr8k)."""
+    rng = np.random.default_rng(0)
+    vocab, steps = 9, 4
+    logits = tf.constant(rng.normal(size=(3, steps, vocab)), tf.float32)
+    sampled = tf.constant([[4, 5, 3, 0], [6, 7, 8, 4], [5, 3, 0, 0]], tf.int32)  # <end> = 3, then <pad>
+    lengths = tf.constant([3, 4, 2], tf.int32)
+    advantages = tf.constant([-1.0, -0.5, 0.25], tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        loss = scst.policy_loss(logits, sampled, lengths, advantages)
+    gradient = tape.gradient(loss, logits).numpy()
+    expected = 0.0
+    for n in range(3):
+        for t in range(int(lengths[n])):
+            allowed = np.ones(vocab, bool)
+            allowed[[text.PAD_ID, text.UNK_ID, text.START_ID]] = False
+            allowed[text.END_ID] = t > 0
+            z = logits.numpy()[n, t]
+            log_p = z[sampled[n, t]] - np.log(np.exp(z[allowed]).sum())
+            expected -= float(advantages[n]) * log_p
+    np.testing.assert_allclose(float(loss), expected / 9, rtol=1e-5)
+    assert np.isfinite(gradient).all()
+    assert (gradient[:, :, [text.PAD_ID, text.UNK_ID, text.START_ID]] == 0).all()
+    assert (gradient[:, 0, text.END_ID] == 0).all() and (gradient[0, 3] == 0).all()  # no <end> first; past the end
+    within = np.arange(steps)[None, :] < lengths.numpy()[:, None]
+    assert (np.abs(gradient[:, 1:, text.END_ID])[within[:, 1:]] > 0).all()
 
 
 def greedy_train_cider(run_dir, records_dir) -> float:

@@ -252,11 +252,35 @@ def _batch_size(initial_state: Any, context: Any) -> tf.Tensor:
     return tf.shape(leaves[0])[0]
 
 
+def _forbidden(vocab_size: tf.Tensor, t: tf.Tensor, start_id: int, end_id: int) -> tf.Tensor:
+    """tf.bool [..., V]: `<pad>`, `<unk>`, `<start>`, and `<end>` at the first step; t int32 [] or [T, 1]."""
+    ids = tf.range(vocab_size)
+    return (ids == PAD_ID) | (ids == UNK_ID) | (ids == start_id) | ((ids == end_id) & (t == 0))
+
+
 def _forbid(log_probs: tf.Tensor, t: tf.Tensor, start_id: int, end_id: int) -> tf.Tensor:
-    """log_probs [N, V] with -inf for `<pad>`, `<unk>`, `<start>`, and `<end>` at the first step (t == 0)."""
-    ids = tf.range(tf.shape(log_probs)[1])
-    forbidden = (ids == PAD_ID) | (ids == UNK_ID) | (ids == start_id) | ((ids == end_id) & (t == 0))
-    return tf.where(forbidden, _NEG_INF, log_probs)
+    """log_probs [N, V] with -inf for the tokens never generated at step t (`_forbidden`)."""
+    return tf.where(_forbidden(tf.shape(log_probs)[1], t, start_id, end_id), _NEG_INF, log_probs)
+
+
+def sampled_log_probs(logits: tf.Tensor, tokens: tf.Tensor, lengths: tf.Tensor, start_id: int = START_ID,
+                      end_id: int = END_ID) -> tf.Tensor:
+    """Log-probabilities of `sample_search`'s samples from the decoder's teacher-forced logits.
+
+    Each position's distribution is the one the sampler drew from: the softmax renormalized over the
+    tokens that may be generated there, so that no gradient reaches the forbidden tokens.
+
+    Args:
+      logits: tf.float32 [N, T, V], the decoder fed `<start>` and tokens[:, :-1].
+      tokens: tf.int32 [N, T] as `sample_search` returns them; lengths: tf.int32 [N].
+    Returns:
+      tf.float32 [N, T]: log p(tokens[n, t]) for t < lengths[n], 0 beyond.
+    """
+    steps = tf.range(tf.shape(logits)[1])
+    forbidden = _forbidden(tf.shape(logits)[2], steps[:, None], start_id, end_id)  # [T, V]
+    log_probs = tf.nn.log_softmax(tf.where(forbidden[None], _NEG_INF, logits))
+    chosen = tf.gather(log_probs, tokens, batch_dims=2)
+    return tf.where(steps[None, :] < lengths[:, None], chosen, 0.0)  # -inf at <pad> beyond the length
 
 
 def _top_allowed(log_probs: tf.Tensor, count: int, forbidden: tuple[int, ...]) -> tuple[tf.Tensor, tf.Tensor]:

@@ -40,6 +40,26 @@ def caption_words(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return lengths - ended
 
 
+def policy_loss(logits: tf.Tensor, sampled: tf.Tensor, lengths: tf.Tensor, advantages: tf.Tensor) -> tf.Tensor:
+    """REINFORCE loss of samples: -sum(advantage * log p(token)) over the sampled tokens, per token.
+
+    p is the distribution the samples were drawn from (`beam.sampled_log_probs`: the forbidden tokens
+    masked out). With the plain softmax, negative advantages would move probability onto `<unk>`,
+    `<pad>` and `<start>`, which are never sampled and so never pushed back: a drift that grew until
+    training collapsed (Flickr8k: val CIDEr-D 0.46 -> 0.39 and val loss 5 -> 33 in one epoch, after
+    about 500 steps at lr 2e-5 or 150 at 1e-4).
+
+    Args:
+      logits: tf.float32 [N, T, V], teacher-forced on the samples; sampled: tf.int32 [N, T];
+      lengths: tf.int32 [N] (`<end>` included when drawn); advantages: tf.float32 [N].
+    Returns:
+      tf.float32 [].
+    """
+    log_probs = beam.sampled_log_probs(logits, sampled, lengths)
+    tokens = tf.reduce_sum(tf.cast(tf.range(tf.shape(sampled)[1])[None, :] < lengths[:, None], tf.float32))
+    return -tf.reduce_sum(advantages[:, None] * log_probs) / tf.maximum(tokens, 1.0)
+
+
 class SelfCritical:
     """The SCST step of a trainer: `step(features, inputs, targets, owners)` -> (loss, samples)."""
 
@@ -78,12 +98,9 @@ class SelfCritical:
         trainer = self.trainer
         tiled = {k: tf.repeat(v, self.samples, axis=0) for k, v in feats.items()}
         inputs = tf.concat([tf.fill([tf.shape(sampled)[0], 1], text.START_ID), sampled[:, :-1]], axis=1)
-        mask = tf.cast(tf.range(tf.shape(sampled)[1])[None, :] < lengths[:, None], tf.float32)
         with tf.GradientTape() as tape:
             logits, _ = trainer.decoder(tiled, inputs)
-            log_probs = -tf.nn.sparse_softmax_cross_entropy_with_logits(labels=sampled,
-                                                                        logits=tf.cast(logits, tf.float32))
-            loss = -tf.reduce_sum(advantages[:, None] * log_probs * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+            loss = policy_loss(tf.cast(logits, tf.float32), sampled, lengths, advantages)
             scaled = trainer.optimizer.scale_loss(loss)
         gradients = tape.gradient(scaled, trainer.variables)
         trainer.optimizer.apply(gradients, trainer.variables)
