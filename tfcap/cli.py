@@ -363,9 +363,10 @@ def caption_command(image_paths, model_path, beam_size, length_penalty, precisio
 
 @main.command("export")
 @click.argument("run_dir", metavar="[RUN_DIR]", type=PathArg, required=False, callback=_default_model)
-@click.option("-o", "--out", type=PathArg, required=True, help="SavedModel folder to write.")
-@click.option("--beam-size", type=_POSITIVE, default=3, show_default=True)
-@click.option("--length-penalty", type=_NON_NEGATIVE, default=0.0, show_default=True)
+@click.option("-o", "--out", type=LocationArg, required=True,
+              help="SavedModel folder to write (or gs://...: for the workers of caption-dir --engine beam).")
+@click.option("--beam-size", type=_POSITIVE, default=None, help="Default: the run's decoding.json, else 3.")
+@click.option("--length-penalty", type=_NON_NEGATIVE, default=None, help="Default: the run's decoding.json, else 0.")
 @_precision_option
 @click.option("--overwrite", is_flag=True)
 def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite):
@@ -373,11 +374,14 @@ def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite
     from tfcap import export, outputs
     from tfcap.progress import Stopwatch, summary
 
-    outputs.check_output(out, overwrite, {"run directory": run_dir})
+    if not export.is_url(out):
+        outputs.check_output(out, overwrite, {"run directory": run_dir})
+    beam_size, length_penalty = export.run_decoding(run_dir, beam_size, length_penalty)
     clock = Stopwatch()
     export.export(run_dir, out, beam_size=beam_size, length_penalty=length_penalty, precision=precision,
                   overwrite=overwrite)
-    summary(f"export: {run_dir} -> {out} (beam size {beam_size}) in {clock.seconds:.1f} s")
+    summary(f"export: {run_dir} -> {out} (beam size {beam_size}, length penalty {length_penalty:g}) "
+            f"in {clock.seconds:.1f} s")
 
 
 @main.command("gallery")

@@ -82,13 +82,24 @@ def serving_module(run_dir: Path, beam_size: int, length_penalty: float, precisi
                          length_penalty)
 
 
-def export(run_dir: Path, out: Path, *, beam_size: int = 3, length_penalty: float = 0.0,
-           precision: str | None = None, overwrite: bool = False) -> Path:
-    """Write RUN_DIR's captioner as a SavedModel at `out` (atomically); return `out`.
+def export(run_dir: Path, out: Path | str, *, beam_size: int | None = None, length_penalty: float | None = None,
+           precision: str | None = None, overwrite: bool = False) -> Path | str:
+    """Write RUN_DIR's captioner as a SavedModel at `out` (atomically on a local disk); return `out`.
 
-    precision: the encoder's dtype policy in the SavedModel (default: the run's; see model.load_model).
+    `out` may be a URL TensorFlow's file systems write (gs://bucket/model), for workers elsewhere to
+    load; there an existing SavedModel is refused unless `overwrite`, which deletes it first.
+    beam_size, length_penalty: default as `run_decoding` (the run's decoding.json, so an export
+    captions as caption-dir does with the run). precision: the encoder's dtype policy in the
+    SavedModel (default: the run's; see model.load_model).
     """
-    module = serving_module(run_dir, beam_size, length_penalty, precision)
+    module = serving_module(run_dir, *run_decoding(run_dir, beam_size, length_penalty), precision)
+    if is_url(out):
+        if tf.io.gfile.exists(out):
+            if not overwrite:
+                raise TfcapError(f"{out} already exists; pass --overwrite to replace it")
+            tf.io.gfile.rmtree(out)
+        tf.saved_model.save(module, out, signatures={"serving_default": module.serve})
+        return out
     with atomic_directory(Path(out), overwrite) as scratch:
         tf.saved_model.save(module, str(scratch), signatures={"serving_default": module.serve})
     return Path(out)
