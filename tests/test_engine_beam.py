@@ -8,8 +8,10 @@ multi-processing workers in subprocesses of it.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
+import os
 import shutil
 import struct
 import sys
@@ -39,10 +41,27 @@ def tile(i: int) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A 1-epoch run (convnet at 32 px), its SavedModel, a folder of good and bad files and the local engine's CSV of it."""
-    root = tmp_path_factory.mktemp("engine-beam")
+    """A 1-epoch run (convnet at 32 px), its SavedModel, a folder of good and bad files and the local engine's
+    rows of it: (root, photos, rows).
+
+    Built once per test session, not once per pytest-xdist worker: the first worker to get here builds it
+    under an flock in the session's base folder (shared by the workers), the other waits and reuses it.
+    Training and export are most of these tests' time; every test only reads what is here.
+    """
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "engine-beam-world"
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (root / "done").exists():
+            shutil.rmtree(root, ignore_errors=True)  # a worker that died while building
+            build_world(root)
+            (root / "done").touch()
+    return root, root / "photos", read_csv(root / "local.csv")
+
+
+def build_world(root: Path) -> None:
     train_images = root / "train"
-    train_images.mkdir()
+    train_images.mkdir(parents=True)
     with open(root / "captions.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "caption", "split"])
@@ -73,9 +92,7 @@ def world(tmp_path_factory):
     for name, data in files.items():
         (photos / name).write_bytes(data)
     (photos / "notes.txt").write_text("not a candidate\n")
-    local = root / "local.csv"
-    ok("caption-dir", photos, "-o", local, "--model", root / "run", "--batch-size", "4", "--quiet")
-    return root, photos, read_csv(local)
+    ok("caption-dir", photos, "-o", root / "local.csv", "--model", root / "run", "--batch-size", "4", "--quiet")
 
 
 def read_csv(path: Path) -> list[dict]:
