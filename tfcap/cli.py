@@ -289,10 +289,10 @@ def _default_model(ctx, param, value):
               "IMAGES and OUT may be gs://, s3://.")
 @click.option("--runner", help="With --engine beam: the Beam runner (default DirectRunner; DataflowRunner, "
               "FlinkRunner, SparkRunner need a SavedModel their workers can read, see tfcap export).")
-@click.argument("pipeline_args", nargs=-1, type=click.UNPROCESSED)
+@click.argument("pipeline_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- BEAM_OPTION...]")
 def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, precision, fmt, batch_size, max_pixels,
                         no_recursive, gallery_path, strict, resume, overwrite, quiet, engine, runner, pipeline_args):
-    """Caption every image under IMAGES (jpg, png, gif, bmp, webp) into a CSV."""
+    """Caption every image under IMAGES (jpg, png, gif, bmp, webp) into a CSV (--engine beam: a folder of parts)."""
     from tfcap import caption, export, images, outputs
 
     config = caption.CaptionConfig(beam_size=beam_size or 3, length_penalty=length_penalty or 0.0,

@@ -297,10 +297,10 @@ def caption_directory(images_dir, out, model, config: caption.CaptionConfig = ca
 
         def run(target: str) -> None:
             nonlocal result
-            pipeline = beam.Pipeline(options=options)
-            add_caption_dir(pipeline, local_root, f"{target.rstrip('/')}/part", location, config, fmt)
             timings["started_epoch_ms"] = time.time() * 1000
             try:
+                pipeline = beam.Pipeline(options=options)  # an unknown or uninstalled runner fails here
+                add_caption_dir(pipeline, local_root, f"{target.rstrip('/')}/part", location, config, fmt)
                 result = pipeline.run()
                 result.wait_until_finish()
             except (TfcapError, KeyboardInterrupt):
