@@ -169,12 +169,17 @@ def test_jsonl_parts_replace_an_existing_out_only_with_overwrite(world, tmp_path
     assert_same_rows(rows, local_rows)
 
 
-def test_empty_folder_exits_0_with_one_header_only_part(world, tmp_path):
+@pytest.mark.parametrize("case", ["empty folder", "images only in a subfolder, --no-recursive"])
+def test_nothing_to_caption_exits_0_with_one_header_only_part(world, tmp_path, case):
     root, _, _ = world
-    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "sub").mkdir(parents=True)
     (tmp_path / "in" / "notes.txt").write_text("no image here\n")
+    extra = []
+    if "subfolder" in case:
+        (tmp_path / "in" / "sub" / "0.png").write_bytes(encoded(tile(0), "PNG"))
+        extra = ["--no-recursive"]
     out = tmp_path / "out"
-    result = ok("caption-dir", tmp_path / "in", "-o", out, "--engine", "beam", "--model", root / "savedmodel")
+    result = ok("caption-dir", tmp_path / "in", "-o", out, "--engine", "beam", "--model", root / "savedmodel", *extra)
     assert "0 images to caption" in result.stderr.strip().splitlines()[-1]
     assert [p.read_text() for p in parts(out)] == ["path,caption,score,error\n"]  # as the local engine's empty CSV
 
