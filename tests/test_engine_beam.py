@@ -224,6 +224,8 @@ def test_refusals_of_options_that_do_not_go_with_the_engine(world, tmp_path):
     one_error(invoke("caption-dir", tmp_path / "nope", "-o", tmp_path / "out", "--engine", "beam",
                      "--model", root / "savedmodel"), "is not a directory")
     one_error(invoke(*base, "--engine", "beam", "--beam-size", "5"), "beam size 3", "re-export")
+    one_error(invoke("caption-dir", photos, "-o", "nofs://bucket/out", "--engine", "beam", "--model", root / "savedmodel"),
+              "nofs://bucket/out", "Unable to get filesystem")  # a scheme no Beam file system serves
     assert not (tmp_path / "out").exists()
 
 

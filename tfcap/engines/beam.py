@@ -213,6 +213,16 @@ def _prepare_model(model, beam_size, length_penalty, precision, scratch: Path) -
     return str(location), clock.seconds
 
 
+def _check_file_system(location) -> None:
+    """A URL whose scheme no installed Beam file system serves (gs:// without apache-beam[gcp]) is one
+    line, before anything runs: Beam's own message names the extra to install."""
+    if export.is_url(location):
+        try:
+            FileSystems.get_filesystem(str(location))
+        except ValueError as e:
+            raise TfcapError(f"{location}: {str(e).split(' Path specified')[0]}") from None
+
+
 def _check_images(images_dir) -> None:
     if any(c in str(images_dir) for c in "*?["):
         raise TfcapError(f"{images_dir}: Beam reads *, ? and [ in a folder's name as a pattern; "
@@ -283,6 +293,8 @@ def caption_directory(images_dir, out, model, config: caption.CaptionConfig = ca
     if not is_local_runner(runner) and _is_run_directory(model):  # before anything remote is contacted
         raise TfcapError(f"{runner} workers cannot read the run directory {model} on this machine: "
                          + _model_hint(Path(model)))
+    for location in (images_dir, out):
+        _check_file_system(location)
     remote_out = export.is_url(out)
     if remote_out:
         _prepare_remote_out(str(out), overwrite)
