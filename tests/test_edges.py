@@ -201,7 +201,7 @@ def test_write_errors_during_the_run_are_one_line(world, tmp_path, monkeypatch, 
         raise OSError(errno.ENOSPC, "No space left on device", str(out))
 
     if command == "caption-dir":
-        monkeypatch.setattr("tfcap.caption._format_rows", disk_full)
+        monkeypatch.setattr("tfcap.caption.format_rows", disk_full)
         result = invoke("caption-dir", world.photos, "-o", out, "--model", world.run, "--quiet")
     else:
         monkeypatch.setattr("tfcap.evaluate.atomic_directory", disk_full)

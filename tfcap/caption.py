@@ -43,6 +43,12 @@ class CaptionConfig:
     recursive: bool = True
 
 
+def is_image_name(name: str) -> bool:
+    """Whether a file name is a caption-dir candidate: an image extension (`images.EXTENSIONS`) in
+    any case. Hidden files count: a name's leading dot says nothing about its contents."""
+    return name.lower().endswith(images.EXTENSIONS)
+
+
 def find_images(root: Path, recursive: bool = True) -> list[str]:
     """Image files under `root` (by extension, any case), as sorted relative POSIX paths.
 
@@ -64,7 +70,7 @@ def find_images(root: Path, recursive: bool = True) -> list[str]:
             continue
         visited.add((stat.st_dev, stat.st_ino))
         relative = Path(folder).relative_to(root)
-        found.extend((relative / f).as_posix() for f in files if f.lower().endswith(images.EXTENSIONS))
+        found.extend((relative / f).as_posix() for f in files if is_image_name(f))
         subfolders.sort()
         if not recursive:
             subfolders[:] = []
@@ -83,20 +89,37 @@ def diagnose(path: Path, max_pixels: int) -> str:
     if reason:
         return reason
     try:
-        shape = images.header_shape(tf.constant(Path(path).read_bytes())).numpy()
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return images.open_error(e)
+    return diagnose_bytes(data, max_pixels)
+
+
+def diagnose_bytes(data: bytes, max_pixels: int) -> str:
+    """The error text of image bytes that dropped out of the pipeline (`diagnose` without the file)."""
+    reason = images.head_reason(data[:16])
+    if reason:
+        return reason
+    try:
+        shape = images.header_shape(tf.constant(data)).numpy()
     except tf.errors.OpError:  # a JPEG cut before its size marker: the full check below says why
         shape = (-1, -1)
     if shape[0] * shape[1] > max_pixels:
         return f"too large ({shape[1]}x{shape[0]} = {shape[0] * shape[1]} pixels > --max-pixels {max_pixels})"
-    return images.diagnose(path)
+    return images.diagnose_data(data)
+
+
+def checked_pixels(data: tf.Tensor, preprocess, max_pixels: int) -> tf.Tensor:
+    """`preprocess(data)` (tf.string [] -> tf.float32 [S, S, 3]) after refusing, by the header, an
+    image of more than `max_pixels`: an InvalidArgumentError that tf.data's ignore_errors drops."""
+    with tf.control_dependencies([_too_large_check(data, max_pixels)]):
+        return preprocess(data)
 
 
 def pixel_batches(root: Path, paths: list[str], preprocess, config: CaptionConfig) -> tf.data.Dataset:
     """(index tf.int64 [B], pixels tf.float32 [B, S, S, 3]) of the files that load; failures drop out."""
     def load(index, path):
-        data = tf.io.read_file(path)
-        with tf.control_dependencies([_too_large_check(data, config.max_pixels)]):
-            return index, preprocess(data)
+        return index, checked_pixels(tf.io.read_file(path), preprocess, config.max_pixels)
 
     # shape=[n]: with no paths at all, an empty string vector (not a float one), so nothing to do is no error
     full = tf.constant([str(Path(root) / p) for p in paths], tf.string, shape=[len(paths)])
@@ -124,6 +147,45 @@ def feature_batches(root: Path, paths: list[str], captioner, config: CaptionConf
             .with_options(options))
 
 
+class BytesCaptioner:
+    """Captions of a batch of image bytes in hand (files read elsewhere: the Beam engine reads them
+    through Beam's file systems), with the checks and error texts of `caption_directory`.
+
+    Decoding, the header size check and preprocessing run in one tf.function over the whole batch
+    (a tf.data pipeline inside it drops the images that fail, as `pixel_batches` does for files),
+    then one `encode` and one `decode` of the images that loaded. Only a failed image costs Python
+    work of its own: `diagnose_bytes` says why it failed.
+    """
+
+    def __init__(self, captioner, max_pixels: int = images.DEFAULT_MAX_PIXELS):
+        self.captioner, self.max_pixels = captioner, max_pixels
+        self._load = tf.function(self._pixels, input_signature=[tf.TensorSpec([None], tf.string)])
+
+    def _pixels(self, data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """tf.string [B] -> (kept tf.int64 [K], pixels tf.float32 [K, S, S, 3]): the images that load."""
+        count = tf.shape(data, out_type=tf.int64)[0]
+        size = self.captioner.settings["image_size"]
+        loaded = (records.without_autotuning(tf.data.Dataset.from_tensor_slices((tf.range(count), data)))
+                  .map(lambda k, d: (k, checked_pixels(d, self.captioner.preprocess_bytes, self.max_pixels)),
+                       num_parallel_calls=tf.data.AUTOTUNE)
+                  .ignore_errors()
+                  .batch(tf.maximum(count, 1)))
+        # One batch of all that loaded, or, when none did, an empty one (get_single_element needs one).
+        nothing = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int64), tf.zeros([0, size, size, 3], tf.float32)))
+        return loaded.concatenate(nothing).take(1).get_single_element()
+
+    def __call__(self, data: list[bytes]) -> list[tuple[str, float | None, str]]:
+        """(caption, score, error) of each of `data`, in order: ("", None, reason) for a failure."""
+        results: list[tuple[str, float | None, str] | None] = [None] * len(data)
+        if data:
+            kept, pixels = self._load(tf.constant(data, tf.string, shape=[len(data)]))
+            if len(kept):
+                captions, scores = self.captioner.decode(self.captioner.encode(pixels))
+                for k, caption, score in zip(kept.numpy(), captions.numpy(), scores.numpy()):
+                    results[k] = (caption.decode("utf-8"), float(score), "")
+        return [r or ("", None, diagnose_bytes(d, self.max_pixels)) for r, d in zip(results, data)]
+
+
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 
 
@@ -141,7 +203,7 @@ def output_format(out: Path, fmt: str | None = None) -> str:
     return fmt
 
 
-def _format_rows(rows: list[dict], fmt: str) -> str:
+def format_rows(rows: list[dict], fmt: str) -> str:
     """Rows with `score` a float (None on error rows) as CSV (4 decimals, empty) or JSON Lines (number, null)."""
     if fmt == "jsonl":
         return "".join(json.dumps({**r, "score": None if r["score"] is None else round(r["score"], 4)},
@@ -154,10 +216,14 @@ def _format_rows(rows: list[dict], fmt: str) -> str:
 
 def read_rows(path: Path, fmt: str | None = None) -> list[dict]:
     """Rows of an existing output (CSV or JSON Lines: `fmt`, else by suffix); a cut-off last line is ignored."""
-    text = Path(path).read_text(encoding="utf-8")
+    return parse_rows(Path(path).read_text(encoding="utf-8"), fmt or output_format(path))
+
+
+def parse_rows(text: str, fmt: str) -> list[dict]:
+    """Rows of caption-dir output text (CSV with its header, or JSON Lines); a cut-off last line is ignored."""
     if not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-    if (fmt or output_format(path)) == "jsonl":
+    if fmt == "jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     return list(csv.DictReader(io.StringIO(text)))
 
@@ -217,7 +283,7 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
     try:
         with progress_bar(len(todo), "captioning", show_progress and bool(todo)) as advance:
             def flush(rows: list[dict]) -> None:
-                os.write(fd, _format_rows(rows, fmt).encode("utf-8"))  # one write: whole rows only
+                os.write(fd, format_rows(rows, fmt).encode("utf-8"))  # one write: whole rows only
                 failed = sum(1 for r in rows if r["error"])
                 counts["failed"] += failed
                 counts["ok"] += len(rows) - failed

@@ -77,6 +77,21 @@ class _Group(click.Group):
 
 
 PathArg = click.Path(path_type=Path)
+
+
+class _Location(click.ParamType):
+    """A local path (Path) or, kept as it is, a URL of a file system (gs://bucket/photos: a Path would
+    fold its // into one)."""
+
+    name = "path"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, Path) or value is None:
+            return value
+        return value if "://" in str(value) else Path(value)
+
+
+LocationArg = _Location()
 _POSITIVE = click.IntRange(min=1)  # a batch or beam of 0 would fail deep inside TensorFlow
 _NON_NEGATIVE = click.FloatRange(min=0)  # a negative length penalty would fail inside a traced function
 
@@ -239,22 +254,25 @@ def _decoding_options(f):
     f = click.option("--length-penalty", type=_NON_NEGATIVE, default=None,
                      help="alpha in sum_logp / length**alpha for ranking beams (default 0).")(f)
     f = click.option("--beam-size", type=_POSITIVE, default=None, help="Beam width; 1 is greedy (default 3).")(f)
-    return click.option("--model", "model_path", type=PathArg, callback=_default_model,
-                        help="Run directory from tfcap train, or a SavedModel from tfcap export "
-                        "(default: the bundled model, see tfcap models).")(f)
+    return click.option("--model", "model_path", type=LocationArg, callback=_default_model,
+                        help="Run directory from tfcap train, or a SavedModel from tfcap export, local or "
+                        "gs://... (default: the bundled model, see tfcap models).")(f)
 
 
 def _default_model(ctx, param, value):
-    """--model, or the bundled default model when it is not given."""
+    """--model, or the bundled default model when it is not given (a URL as it is)."""
     from tfcap import pretrained
 
-    return pretrained.resolve(value)
+    return value if isinstance(value, str) else pretrained.resolve(value)
 
 
-@main.command("caption-dir")
-@click.argument("images_dir", metavar="IMAGES", type=PathArg)
-@click.option("-o", "--out", type=PathArg, required=True,
-              help="Output file: CSV, or JSON Lines when it ends in .jsonl (or with --format jsonl).")
+@main.command("caption-dir", epilog="Beam pipeline options go after --, e.g. "
+              "tfcap caption-dir photos -o out --engine beam -- --direct_running_mode=multi_processing "
+              "--direct_num_workers=2")
+@click.argument("images_dir", metavar="IMAGES", type=LocationArg)
+@click.option("-o", "--out", type=LocationArg, required=True,
+              help="Output file: CSV, or JSON Lines when it ends in .jsonl (or with --format jsonl). "
+              "With --engine beam a folder of parts OUT/part-SSSSS-of-NNNNN.csv.")
 @_decoding_options
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
               help="Output format (default: from the suffix of --out; .jsonl, .ndjson, .json are JSON Lines, else CSV).")
@@ -266,14 +284,40 @@ def _default_model(ctx, param, value):
 @click.option("--resume", is_flag=True, help="Append the images missing from an existing output.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--engine", type=click.Choice(["local", "beam"]), default="local", show_default=True,
+              help="local: in this process; beam: one Apache Beam pipeline (pip install 'tfcap[beam]'), "
+              "IMAGES and OUT may be gs://, s3://.")
+@click.option("--runner", help="With --engine beam: the Beam runner (default DirectRunner; DataflowRunner, "
+              "FlinkRunner, SparkRunner need a SavedModel their workers can read, see tfcap export).")
+@click.argument("pipeline_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- BEAM_OPTION...]")
 def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, precision, fmt, batch_size, max_pixels,
-                        no_recursive, gallery_path, strict, resume, overwrite, quiet):
-    """Caption every image under IMAGES (jpg, png, gif, bmp, webp) into a CSV."""
+                        no_recursive, gallery_path, strict, resume, overwrite, quiet, engine, runner, pipeline_args):
+    """Caption every image under IMAGES (jpg, png, gif, bmp, webp) into a CSV (--engine beam: a folder of parts)."""
     from tfcap import caption, export, images, outputs
 
     config = caption.CaptionConfig(beam_size=beam_size or 3, length_penalty=length_penalty or 0.0,
                                    batch_size=batch_size, max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS,
                                    recursive=not no_recursive)
+    if engine == "beam":
+        for name, given in (("--resume", resume), ("--gallery", gallery_path)):
+            if given:
+                raise TfcapError(f"{name} does not go with --engine beam (it writes OUT/part-* files in one pass)")
+        if pipeline_args and not pipeline_args[0].startswith("-"):
+            raise TfcapError(f"unexpected argument {pipeline_args[0]} (Beam pipeline options start with --)")
+        from tfcap.engines import beam_engine
+
+        engine_module = beam_engine()
+        result = engine_module.caption_directory(
+            images_dir, out, model_path, config, engine_module.BeamConfig(runner, tuple(pipeline_args)), fmt=fmt,
+            overwrite=overwrite, beam_size=beam_size, length_penalty=length_penalty, precision=precision)
+        if strict and result["failed"]:
+            sys.exit(1)
+        return
+    if runner or pipeline_args:
+        raise TfcapError(f"{'--runner' if runner else pipeline_args[0]}: Beam options need --engine beam")
+    for location in (images_dir, out, model_path):
+        if export.is_url(location):
+            raise TfcapError(f"{location}: the local engine reads and writes local paths; use --engine beam")
     if overwrite and resume:
         raise TfcapError("--overwrite and --resume contradict each other")
     fmt = caption.output_format(out, fmt)
@@ -319,9 +363,10 @@ def caption_command(image_paths, model_path, beam_size, length_penalty, precisio
 
 @main.command("export")
 @click.argument("run_dir", metavar="[RUN_DIR]", type=PathArg, required=False, callback=_default_model)
-@click.option("-o", "--out", type=PathArg, required=True, help="SavedModel folder to write.")
-@click.option("--beam-size", type=_POSITIVE, default=3, show_default=True)
-@click.option("--length-penalty", type=_NON_NEGATIVE, default=0.0, show_default=True)
+@click.option("-o", "--out", type=LocationArg, required=True,
+              help="SavedModel folder to write (or gs://...: for the workers of caption-dir --engine beam).")
+@click.option("--beam-size", type=_POSITIVE, default=None, help="Default: the run's decoding.json, else 3.")
+@click.option("--length-penalty", type=_NON_NEGATIVE, default=None, help="Default: the run's decoding.json, else 0.")
 @_precision_option
 @click.option("--overwrite", is_flag=True)
 def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite):
@@ -329,11 +374,14 @@ def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite
     from tfcap import export, outputs
     from tfcap.progress import Stopwatch, summary
 
-    outputs.check_output(out, overwrite, {"run directory": run_dir})
+    if not export.is_url(out):
+        outputs.check_output(out, overwrite, {"run directory": run_dir})
+    beam_size, length_penalty = export.run_decoding(run_dir, beam_size, length_penalty)
     clock = Stopwatch()
     export.export(run_dir, out, beam_size=beam_size, length_penalty=length_penalty, precision=precision,
                   overwrite=overwrite)
-    summary(f"export: {run_dir} -> {out} (beam size {beam_size}) in {clock.seconds:.1f} s")
+    summary(f"export: {run_dir} -> {out} (beam size {beam_size}, length penalty {length_penalty:g}) "
+            f"in {clock.seconds:.1f} s")
 
 
 @main.command("gallery")

@@ -82,13 +82,24 @@ def serving_module(run_dir: Path, beam_size: int, length_penalty: float, precisi
                          length_penalty)
 
 
-def export(run_dir: Path, out: Path, *, beam_size: int = 3, length_penalty: float = 0.0,
-           precision: str | None = None, overwrite: bool = False) -> Path:
-    """Write RUN_DIR's captioner as a SavedModel at `out` (atomically); return `out`.
+def export(run_dir: Path, out: Path | str, *, beam_size: int | None = None, length_penalty: float | None = None,
+           precision: str | None = None, overwrite: bool = False) -> Path | str:
+    """Write RUN_DIR's captioner as a SavedModel at `out` (atomically on a local disk); return `out`.
 
-    precision: the encoder's dtype policy in the SavedModel (default: the run's; see model.load_model).
+    `out` may be a URL TensorFlow's file systems write (gs://bucket/model), for workers elsewhere to
+    load; there an existing SavedModel is refused unless `overwrite`, which deletes it first.
+    beam_size, length_penalty: default as `run_decoding` (the run's decoding.json, so an export
+    captions as caption-dir does with the run). precision: the encoder's dtype policy in the
+    SavedModel (default: the run's; see model.load_model).
     """
-    module = serving_module(run_dir, beam_size, length_penalty, precision)
+    module = serving_module(run_dir, *run_decoding(run_dir, beam_size, length_penalty), precision)
+    if is_url(out):
+        if tf.io.gfile.exists(out):
+            if not overwrite:
+                raise TfcapError(f"{out} already exists; pass --overwrite to replace it")
+            tf.io.gfile.rmtree(out)
+        tf.saved_model.save(module, out, signatures={"serving_default": module.serve})
+        return out
     with atomic_directory(Path(out), overwrite) as scratch:
         tf.saved_model.save(module, str(scratch), signatures={"serving_default": module.serve})
     return Path(out)
@@ -125,27 +136,44 @@ class Predictor:
         return out["captions"], out["scores"]
 
 
-def load_predictor(path: Path, *, beam_size: int | None = None, length_penalty: float | None = None,
+def is_url(location) -> bool:
+    """Whether a --model, IMAGES or --out is a URL of a file system (gs://, s3://, hdfs://) rather than a local path."""
+    return isinstance(location, str) and "://" in location
+
+
+def run_decoding(run_dir: Path, beam_size: int | None = None, length_penalty: float | None = None) -> tuple[int, float]:
+    """The beam size and length penalty to caption with from RUN_DIR: the arguments where given, else
+    those of its decoding.json (a bundled model has one: chosen on val), else beam 3 and no penalty."""
+    path = Path(run_dir) / DECODING
+    chosen = json.loads(path.read_text()) if path.is_file() else {}
+    return (beam_size or chosen.get("beam_size", 3),
+            length_penalty if length_penalty is not None else chosen.get("length_penalty", 0.0))
+
+
+def load_predictor(path: Path | str, *, beam_size: int | None = None, length_penalty: float | None = None,
                    precision: str | None = None) -> Predictor:
     """A predictor over a run directory (decoding settings and the encoder's precision from the
-    arguments; default beam 3 and the run's precision) or an exported SavedModel (all fixed at
-    export; asking for others is an error)."""
+    arguments; default as `run_decoding` and the run's precision) or an exported SavedModel, local
+    or at a URL TensorFlow's file systems read (gs://; all settings fixed at export; asking for others
+    is an error)."""
+    if is_url(path):
+        return _saved_model_predictor(path, beam_size, length_penalty, precision)
     path = Path(path)
     if (path / models.CONFIG).is_file():
-        # decoding.json (a bundled model has one): the beam size and length penalty chosen on val.
-        chosen = json.loads((path / DECODING).read_text()) if (path / DECODING).is_file() else {}
-        module = serving_module(path, beam_size or chosen.get("beam_size", 3),
-                                length_penalty if length_penalty is not None else chosen.get("length_penalty", 0.0),
-                                precision)
+        module = serving_module(path, *run_decoding(path, beam_size, length_penalty), precision)
         return Predictor(module, json.loads(module.settings))
     if (path / "saved_model.pb").is_file():
-        loaded = tf.saved_model.load(str(path))
-        settings = json.loads(loaded.get_settings().numpy().decode())
-        settings.setdefault("encoder_precision", settings["model"]["precision"])  # exported before the option
-        for name, asked in (("beam_size", beam_size), ("length_penalty", length_penalty),
-                            ("encoder_precision", precision)):
-            if asked is not None and asked != settings[name]:
-                raise TfcapError(f"{path} was exported with {name.replace('_', ' ')} {settings[name]}; "
-                                 f"re-export to use {asked}")
-        return Predictor(loaded, settings)
+        return _saved_model_predictor(str(path), beam_size, length_penalty, precision)
     raise TfcapError(f"{path} is neither a tfcap run directory (config.json) nor a SavedModel (saved_model.pb)")
+
+
+def _saved_model_predictor(location: str, beam_size, length_penalty, precision) -> Predictor:
+    loaded = tf.saved_model.load(location)
+    settings = json.loads(loaded.get_settings().numpy().decode())
+    settings.setdefault("encoder_precision", settings["model"]["precision"])  # exported before the option
+    for name, asked in (("beam_size", beam_size), ("length_penalty", length_penalty),
+                        ("encoder_precision", precision)):
+        if asked is not None and asked != settings[name]:
+            raise TfcapError(f"{location} was exported with {name.replace('_', ' ')} {settings[name]}; "
+                             f"re-export to use {asked}")
+    return Predictor(loaded, settings)

@@ -258,6 +258,27 @@ def check(data: tf.Tensor) -> tf.Tensor:
     return tf.cond(plain_jpeg, lambda: _jpeg_shape(data), lambda: _check_general(data))
 
 
+def open_error(e: OSError) -> str:
+    """The reason text of a file that cannot be opened or read: "missing", "not a file", "unreadable (...)".
+
+    One wording for every engine: caption-dir's local walk and the Beam engine's file systems
+    both raise OSError subclasses.
+    """
+    if isinstance(e, FileNotFoundError):
+        return "missing"
+    if isinstance(e, IsADirectoryError):
+        return "not a file"
+    return f"unreadable ({e.strerror or e})"
+
+
+def head_reason(head: bytes) -> str | None:
+    """Why a file whose first bytes are `head` is certainly not an image we read ("empty",
+    "not an image"), or None if it may be one."""
+    if not head:
+        return "empty"
+    return None if sniff_format(head) else "not an image"
+
+
 def first_look(path: Path) -> tuple[str | None, str | None, int]:
     """What a file's first bytes tell: why it is certainly not a usable image, its format, its size.
 
@@ -268,22 +289,16 @@ def first_look(path: Path) -> tuple[str | None, str | None, int]:
     """
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return "missing", None, 0
     except OSError as e:
-        return f"unreadable ({e.strerror})", None, 0
+        return open_error(e), None, 0
     try:
         size, head = os.fstat(fd).st_size, os.read(fd, 16)
-    except IsADirectoryError:
-        return "not a file", None, 0
     except OSError as e:
-        return f"unreadable ({e.strerror})", None, 0
+        return open_error(e), None, 0
     finally:
         os.close(fd)
-    if not head:
-        return "empty", None, 0
-    image_format = sniff_format(head)
-    return (None if image_format else "not an image"), image_format, size
+    reason = head_reason(head)
+    return reason, (None if reason else sniff_format(head)), (size if head else 0)
 
 
 def quick_check(path: Path) -> str | None:
@@ -300,12 +315,23 @@ def diagnose(path: Path) -> str:
     if reason:
         return reason
     try:
-        validate(tf.constant(Path(path).read_bytes()))
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return open_error(e)
+    return diagnose_data(data)
+
+
+def diagnose_data(data: bytes) -> str:
+    """Why image bytes cannot be used ("empty", "not an image", "truncated or corrupt (...)"), the
+    same text `diagnose` gives for a file holding them."""
+    reason = head_reason(data[:16])
+    if reason:
+        return reason
+    try:
+        validate(tf.constant(data))
     except tf.errors.OpError as e:
         # Eager errors start with "{{function_node __wrapped__...}}": noise for a reader.
         message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", e.message).strip()
         message = message.splitlines()[-1] if message else "decode failed"
         return f"truncated or corrupt ({message[:120]})"
-    except OSError as e:
-        return f"unreadable ({e.strerror})"
     return "unreadable"
