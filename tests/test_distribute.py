@@ -3,7 +3,8 @@ over two local processes writes one run directory and survives a killed worker, 
 are one-line errors.
 
 A process's logical CPU devices are fixed before TensorFlow starts, and MultiWorkerMirroredStrategy
-sets up collectives at start-up, so both run in child processes.
+sets up collectives at start-up, so both run in child processes. The two long tests are first and
+third in this file: pytest-xdist hands out the first tests two by two, so they run side by side.
 """
 
 from __future__ import annotations
@@ -86,6 +87,23 @@ def test_mirrored_over_two_cpus_trains_like_one_device_and_resume_may_change_the
     assert (saved["strategy"], saved["devices"], saved["epochs"]) == ("mirrored", "CPU:0,CPU:1", 2)
 
 
+def test_tf_config_names_the_chief_as_tensorflow_does():
+    workers = {"worker": ["a:1", "b:2"]}
+    config = lambda cluster, kind, index: json.dumps({"cluster": cluster, "task": {"type": kind, "index": index}})
+    assert distribute.parse_tf_config(config(workers, "worker", 0)).is_chief
+    assert not distribute.parse_tf_config(config(workers, "worker", 1)).is_chief
+    with_chief = {"chief": ["c:3"], **workers}
+    assert distribute.parse_tf_config(config(with_chief, "chief", 0)).is_chief
+    assert not distribute.parse_tf_config(config(with_chief, "worker", 0)).is_chief
+    assert distribute.parse_tf_config(config(with_chief, "worker", 1)).workers == 3
+    with pytest.raises(TfcapError, match="task type 'evaluator'"):
+        distribute.parse_tf_config(config(workers, "evaluator", 0))
+
+
+def test_cli_offers_the_strategies_of_the_library():
+    assert cli._STRATEGIES == distribute.STRATEGIES
+
+
 def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
@@ -138,7 +156,7 @@ def test_multi_worker_writes_one_run_and_a_killed_worker_ends_the_other_then_bot
     checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint"
     deadline = time.monotonic() + 240
     while not checkpoint.exists() and chief.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.02)  # the kill must land before the workers are through epochs 2 and 3
     assert checkpoint.exists(), output(chief)[-3000:]  # epoch 1 is saved
     other.send_signal(signal.SIGKILL)
     killed = time.monotonic()
@@ -193,20 +211,3 @@ def test_strategy_edges_are_one_line_errors(tmp_path, monkeypatch, tf_config, op
     assert result.exit_code == 2, result.output
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1 and message in result.output
     assert not (tmp_path / "run").exists()
-
-
-def test_tf_config_names_the_chief_as_tensorflow_does():
-    workers = {"worker": ["a:1", "b:2"]}
-    config = lambda cluster, kind, index: json.dumps({"cluster": cluster, "task": {"type": kind, "index": index}})
-    assert distribute.parse_tf_config(config(workers, "worker", 0)).is_chief
-    assert not distribute.parse_tf_config(config(workers, "worker", 1)).is_chief
-    with_chief = {"chief": ["c:3"], **workers}
-    assert distribute.parse_tf_config(config(with_chief, "chief", 0)).is_chief
-    assert not distribute.parse_tf_config(config(with_chief, "worker", 0)).is_chief
-    assert distribute.parse_tf_config(config(with_chief, "worker", 1)).workers == 3
-    with pytest.raises(TfcapError, match="task type 'evaluator'"):
-        distribute.parse_tf_config(config(workers, "evaluator", 0))
-
-
-def test_cli_offers_the_strategies_of_the_library():
-    assert cli._STRATEGIES == distribute.STRATEGIES

@@ -15,6 +15,11 @@ Resuming is exact: batches are a pure function of (seed, epoch), dropout is seed
 step, and the checkpoint records the step within the epoch (counted inside the train step's graph,
 with the update) and the epoch's running loss, token and time sums, so an interrupted run continues
 with the very batch it would have trained on next and its epoch's metrics line covers the whole epoch.
+
+Under a tf.distribute strategy (`tfcap.distribute`: mirrored, multi-worker) the same step runs per
+replica on a slice of the same global batch, with the loss normalized by the global token count and
+the gradients summed over replicas before clipping, so it computes the one-device update; the
+counters are updated once per step in cross-replica context. Only the chief writes the run directory.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ LOGS = "logs"
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How the decoder is trained. Saved in config.json; a resumed run must use the same."""
+    """How the decoder is trained. Saved in config.json; a resumed run must use the same (but for
+    epochs, strategy and devices)."""
 
     epochs: int = 20
     batch_size: int = 64
@@ -206,6 +212,9 @@ class _Trainer:
         self.scratch = None if self.placement.is_chief else Path(tempfile.mkdtemp(prefix="tfcap-worker-"))
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.scratch or run_dir / CHECKPOINTS),
                                                   max_to_keep=2)
+        # The save counter is created on first use, collectively under multi-worker: create it here,
+        # on every worker, so that a save on one worker alone (Ctrl-C) does not wait for the others.
+        self.checkpoint.save_counter  # noqa: B018
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
         self.decode_step = tf.function(
             lambda feats: captioner.generate(self._features(feats), beam_size=1)[0], reduce_retracing=True)
@@ -222,9 +231,11 @@ class _Trainer:
     def _train_step_graph(self, *batch):
         """`_train_step` as one graph for every batch and caption length, traced once from
         `batch_spec`: the training batches' element spec (per-replica under a distributed strategy),
-        set by `fit` (tracing from the first batch would trace again for the second's shapes)."""
+        set by `fit`. Without it (a caller of its own), traced from the first batch and relaxed on
+        the second's shapes, as `reduce_retracing` does."""
         if self._step_graph is None:
-            self._step_graph = tf.function(self._train_step, input_signature=tuple(self.batch_spec))
+            self._step_graph = tf.function(self._train_step, **(
+                {"reduce_retracing": True} if self.batch_spec is None else {"input_signature": tuple(self.batch_spec)}))
         return self._step_graph(*batch)
 
     def _train_step(self, feats, inputs_, targets, owners=None):
@@ -356,7 +367,10 @@ class _Trainer:
                 tf.errors.AbortedError, tf.errors.InternalError, tf.errors.FailedPreconditionError) as e:
             if self.placement.name != "multi-worker":
                 raise
-            cause = re.sub(r"^\{\{.*?\}\}\s*", "", (e.message or str(e)).strip().splitlines()[0])[:160]
+            # The message's first line is often a frame ("Graph execution error:"): name the abort instead.
+            lines = [re.sub(r"^\{\{.*?\}\}\s*", "", line).strip() for line in (e.message or str(e)).splitlines()]
+            cause = next((line for line in lines if "abort" in line.lower()),
+                         next((line for line in lines if line and not line.endswith(":")), type(e).__name__))[:160]
             raise TfcapError(f"multi-worker training stopped, a worker is gone ({cause}); start every worker again "
                              f"with --resume to continue from the last checkpoint") from None
 
@@ -387,6 +401,9 @@ class _Trainer:
             except KeyboardInterrupt:
                 self.epoch_seconds.assign_add(epoch_clock.seconds)
                 path = self.save_checkpoint()
+                if not self.placement.is_chief:
+                    raise Interrupted("interrupted: a worker keeps no checkpoint of its own (the chief's count); "
+                                      "continue every worker with --resume") from None
                 raise Interrupted(f"interrupted: checkpoint {path} saved at epoch {epoch + 1}, step "
                                   f"{int(self.step_in_epoch.numpy())}; continue with --resume") from None
             finally:
