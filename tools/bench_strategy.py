@@ -15,26 +15,18 @@ older checkout), with --strategy one-device: the baseline the default path must 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
+from bench_train import cached_merge_model, merge_model_parser  # tools/ is this script's sys.path[0]
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("records")
+    parser = merge_model_parser(__doc__.splitlines()[0])
     parser.add_argument("--strategy", choices=["one-device", "mirrored"], default="one-device")
     parser.add_argument("--devices", default="")
     parser.add_argument("--logical-cpus", type=int, default=0)
-    parser.add_argument("--encoder", default="mobilenet")
-    parser.add_argument("--alpha", type=float, default=0.25)
-    parser.add_argument("--encoder-weights", default="none")
-    parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--units", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=64, help="captions per global step")
-    parser.add_argument("--seconds", type=float, default=30.0, help="timed seconds per run")
-    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -44,7 +36,7 @@ def main() -> None:
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * args.logical_cpus)
 
     import tfcap
-    from tfcap import decoder, encoder, features, inputs, model, records, text, train
+    from tfcap import inputs, model, train
 
     try:
         from tfcap import distribute
@@ -56,14 +48,7 @@ def main() -> None:
     print(f"tfcap at {Path(tfcap.__file__).parent}; strategy {placement.name if placement else 'none (before --strategy)'}"
           f", {placement.replicas if placement else 1} replica(s)", flush=True)
 
-    vocab = records.load_vocabulary(args.records)
-    manifest = records.read_manifest(args.records)
-    enc = encoder.build_encoder(encoder.EncoderConfig(name=args.encoder, alpha=args.alpha,
-                                                      weights=args.encoder_weights, image_size=args.image_size))
-    cached = features.features_for(args.records, "train", enc, with_grid=False)
-    config = model.ModelConfig(encoder=enc.config, decoder=decoder.DecoderConfig(units=args.units, embed_dim=args.units),
-                               text=text.TextConfig(**manifest["text"]), precision="float32",
-                               vocab_size=len(vocab), vocab_sha256=vocab.sha256)
+    vocab, enc, cached, config = cached_merge_model(args)
     scope = placement.strategy.scope() if placement else tf.distribute.get_strategy().scope()
     with scope:
         captioner = model.Captioner(config, enc, model.build_decoder(config, enc.feature_dim, 1), vocab)
