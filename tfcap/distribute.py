@@ -92,8 +92,6 @@ class Placement:
     strategy: tf.distribute.Strategy
     name: str  # the resolved strategy: one-device | mirrored | multi-worker
     is_chief: bool = True  # writes the run directory (always, but for multi-worker non-chief tasks)
-    worker: int = 0  # this worker's index among the workers (0 on one machine)
-    workers: int = 1
 
     @property
     def distributed(self) -> bool:
@@ -132,9 +130,7 @@ def placement(strategy: str = "auto", devices: str = "", environ=os.environ) -> 
             raise TfcapError("--devices goes with --strategy mirrored or one-device; multi-worker uses each "
                              "machine's GPUs (or its CPU)")
         cluster = parse_tf_config(environ.get("TF_CONFIG"))
-        worker_jobs = [(job, i) for job in ("chief", "worker") for i in range(len(cluster.jobs.get(job, ())))]
-        return Placement(tf.distribute.MultiWorkerMirroredStrategy(), "multi-worker", cluster.is_chief,
-                         worker_jobs.index((cluster.task_type, cluster.task_index)), cluster.workers)
+        return Placement(tf.distribute.MultiWorkerMirroredStrategy(), "multi-worker", cluster.is_chief)
     names = _device_names(devices) if devices else None
     if strategy == "auto":
         strategy = "mirrored" if len(names or tf.config.list_logical_devices("GPU")) > 1 else "one-device"
