@@ -49,6 +49,8 @@ def test_mirrored_over_two_cpus_trains_like_one_device_and_resume_may_change_the
     """Dropout 0: its masks are drawn per tensor shape, so a replica's slice of the batch draws other
     masks than the whole batch does on one device (as valid, not the same numbers). 64 captions of
     one length in batches of 7: the last batch has one row, so one replica trains on an empty slice.
+    A small --clip-norm clips every step, so that clipping each replica's gradient before the sum
+    (what Keras' global_clipnorm does under a strategy) would show: Adam hides a gradient's scale.
     Then the one-device run is resumed under mirrored: a run may move to other devices."""
     cache = tmp_path / "cache"
     script = textwrap.dedent(f"""
@@ -63,6 +65,7 @@ def test_mirrored_over_two_cpus_trains_like_one_device_and_resume_may_change_the
         def train(name, *options):
             result = CliRunner().invoke(main, ["train", {str(tiny_records)!r}, "-o", {str(tmp_path)!r} + "/" + name,
                                                "--cache-dir", {str(cache)!r}, "--batch-size", "7", "--dropout", "0",
+                                               "--clip-norm", "0.05",
                                                *{TINY_OPTIONS!r}, *options])
             assert result.exit_code == 0, result.output
 

@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import click
@@ -134,6 +135,15 @@ def masked_cross_entropy(targets: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tens
     return total / tf.maximum(tokens, 1.0), tokens
 
 
+def _clip_by_global_norm(gradients: list, clip_norm) -> list:
+    """Gradients (dense tensors or None) scaled by min(1, clip_norm / their global L2 norm); NaN where
+    that norm is not finite. The same arithmetic as Keras' `global_clipnorm`, which tfcap used before
+    it summed gradients over replicas itself, so one-device training computes what it computed."""
+    norm = tf.sqrt(tf.reduce_sum(tf.stack([tf.reduce_sum(tf.square(g)) for g in gradients if g is not None])))
+    scale = clip_norm * tf.minimum(1.0 / norm, 1.0 / clip_norm) + (norm - norm)  # + (norm - norm): inf, NaN -> NaN
+    return [None if g is None else g * scale for g in gradients]
+
+
 class _SummedGradientsAdam(keras.optimizers.Adam):
     """Adam for gradients that the train step has already summed over the replicas and clipped.
 
@@ -175,7 +185,8 @@ class _Trainer:
         self.keys = ("image",) if self.train_encoder else models.feature_keys(captioner.config.decoder)
         self.variables = self.decoder.trainable_variables + (
             self.encoder.model.trainable_variables if self.train_encoder else [])
-        optimizer = _SummedGradientsAdam(_schedule(train_config, total_steps), name="adam")  # clipped in apply_gradients
+        # Clipped in apply_gradients, after the sum over replicas.
+        optimizer = _SummedGradientsAdam(_schedule(train_config, total_steps), name="adam")
         if captioner.config.precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # float16 gradients underflow otherwise
         self.optimizer = optimizer
@@ -209,7 +220,9 @@ class _Trainer:
             global_step=self.global_step, best_score=self.best_score, bad_evals=self.bad_evals)
         # Every worker saves (saving may create variables, collectively under multi-worker), but only
         # the chief into the run directory: the others into a scratch directory deleted after each save.
-        self.scratch = None if self.placement.is_chief else Path(tempfile.mkdtemp(prefix="tfcap-worker-"))
+        # Named, not created: the first save creates it, so a worker that never saves leaves nothing.
+        self.scratch = (None if self.placement.is_chief
+                        else Path(tempfile.gettempdir()) / f"tfcap-worker-{uuid.uuid4().hex}")
         self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.scratch or run_dir / CHECKPOINTS),
                                                   max_to_keep=2)
         # The save counter is created on first use, collectively under multi-worker: create it here,
@@ -279,13 +292,15 @@ class _Trainer:
         Args:
           gradients: of `self.optimizer.scale_loss(loss)` w.r.t. `self.variables` (None where unused).
         """
-        gradients = self._sum_over_replicas(gradients)
+        # Dense: the embedding's gradient comes as IndexedSlices, one row per word of the batch,
+        # repeated words apart; the norm is the dense gradient's (as Keras' global_clipnorm has it).
+        gradients = self._sum_over_replicas([None if g is None else tf.convert_to_tensor(g) for g in gradients])
         if self.config.clip_norm > 0:
             # A LossScaleOptimizer's gradients are of the scaled loss: clip at the scaled norm (it
             # unscales them in apply); non-finite ones stay non-finite, so it still skips the step.
             scale = getattr(self.optimizer, "dynamic_scale", None)
-            clip = self.config.clip_norm * (1.0 if scale is None else tf.cast(scale, tf.float32))
-            gradients, _ = tf.clip_by_global_norm(gradients, clip)
+            gradients = _clip_by_global_norm(
+                gradients, self.config.clip_norm * (1.0 if scale is None else tf.cast(scale, tf.float32)))
         self.optimizer.apply(gradients, self.variables)
 
     def count_step(self, loss: tf.Tensor, tokens: tf.Tensor) -> None:
@@ -381,7 +396,8 @@ class _Trainer:
         while int(self.epoch.numpy()) < self.config.epochs:
             epoch, skip = int(self.epoch.numpy()), int(self.step_in_epoch.numpy())
             batches = distribute.replica_batches(self.placement, lambda: self.batches(
-                train_features, shuffle=True, epoch=epoch, captions_per_image=self.config.captions_per_image).skip(skip))
+                train_features, shuffle=True, epoch=epoch,
+                captions_per_image=self.config.captions_per_image).skip(skip))
             self.batch_spec = self.batch_spec or batches.element_spec  # the same every epoch
             epoch_clock, session_tokens = Stopwatch(), 0.0
             label = f"epoch {epoch + 1}/{self.config.epochs}"
@@ -463,7 +479,8 @@ class _Trainer:
                            f"in {self.config.patience} evaluations", err=True)
                 break
         writer.close()
-        return {"epochs": int(self.epoch.numpy()), "seconds": clock.seconds, "best_score": float(self.best_score.numpy()), **last}
+        return {"epochs": int(self.epoch.numpy()), "seconds": clock.seconds,
+                "best_score": float(self.best_score.numpy()), **last}
 
 
 def _init_model(init_dir: Path, vocab: text.Vocabulary, records_dir: Path):
@@ -663,21 +680,21 @@ def _train_in_scope(records_dir, run_dir, train_config, resume, show_progress, s
             trainer.checkpoint_without_sums.restore(latest).assert_existing_objects_matched()
             if int(trainer.step_in_epoch.numpy()):
                 click.echo("note: a checkpoint of an older tfcap, without the epoch's running sums: the metrics of "
-                           f"epoch {int(trainer.epoch.numpy()) + 1} cover only the steps after step {int(trainer.step_in_epoch.numpy())}",
-                           err=True)
+                           f"epoch {int(trainer.epoch.numpy()) + 1} cover only the steps after step "
+                           f"{int(trainer.step_in_epoch.numpy())}", err=True)
+        epoch, step = int(trainer.epoch.numpy()), int(trainer.step_in_epoch.numpy())  # completed, in the next
         if chief:
-            _forget_unsaved_epochs(run_dir / METRICS, int(trainer.epoch.numpy()))
+            _forget_unsaved_epochs(run_dir / METRICS, epoch)
         if chief and dataclasses.asdict(train_config) != saved["train"]:  # --epochs changed: the run's config says so
             write_text_atomic(run_dir / models.CONFIG,
                               json.dumps({**saved, "train": dataclasses.asdict(train_config)}, indent=2) + "\n")
         stopped_early = train_config.patience and int(trainer.bad_evals.numpy()) >= train_config.patience
-        if int(trainer.epoch.numpy()) >= train_config.epochs or stopped_early:
-            summary(f"train: {run_dir} has " + (f"stopped early after {int(trainer.epoch.numpy())} epochs"
-                                                if stopped_early else f"finished its {int(trainer.epoch.numpy())} epochs")
+        if epoch >= train_config.epochs or stopped_early:
+            summary(f"train: {run_dir} has " + (f"stopped early after {epoch} epochs" if stopped_early
+                                                else f"finished its {epoch} epochs")
                     + "; nothing to train" + ("" if stopped_early else " (--epochs N continues it to N)"))
-            return {"epochs": int(trainer.epoch.numpy()), "seconds": 0.0, "best_score": float(trainer.best_score.numpy())}
-        click.echo(f"resuming {run_dir} at epoch {int(trainer.epoch.numpy()) + 1}, step {int(trainer.step_in_epoch.numpy())}",
-                   err=True)
+            return {"epochs": epoch, "seconds": 0.0, "best_score": float(trainer.best_score.numpy())}
+        click.echo(f"resuming {run_dir} at epoch {epoch + 1}, step {step}", err=True)
     result = trainer.fit(train_features, val_features, steps_per_epoch, show_progress)
     if chief and not (run_dir / models.DECODER_WEIGHTS).exists():
         trainer.save_best()
