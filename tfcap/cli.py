@@ -20,6 +20,7 @@ from tfcap.errors import TfcapError
 _PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 _ARCHITECTURES = ("xception", "mobilenet", "inception_v3", "vgg16", "efficientnet_lite0", "efficientnet_lite1",
                   "efficientnet_lite2", "convnet")
+_STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")  # distribute.STRATEGIES
 
 
 
@@ -189,15 +190,19 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 @click.option("--select", type=click.Choice(["bleu4", "cider"]),
               help="Validation metric that picks the best weights and stops early (default: bleu4; cider with scst).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--strategy", type=click.Choice(_STRATEGIES), default="auto",
+              show_default=True, help="tf.distribute: mirrored over this machine's GPUs (or --devices), multi-worker "
+              "over the machines in TF_CONFIG; auto: mirrored with more than one GPU, else one-device.")
+@click.option("--devices", default="", help="mirrored or one-device: the devices, e.g. GPU:0,GPU:1 (default: all GPUs).")
 @click.option("--cache-dir", type=PathArg, help="Feature cache (default: RECORDS.cache beside the records).")
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR from its last checkpoint, with its saved config "
-              "(--epochs N extends it; other options must match the run's).")
+              "(--epochs N extends it, --strategy and --devices may change; other options must match the run's).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing RUN_DIR.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_size, precision, decoder_kind, units,
                   embed_dim, dropout, epochs, batch_size, learning_rate, lr_schedule, clip_norm, captions_per_image,
                   eval_every, eval_images, patience, train_encoder, objective, init_run, samples, baseline, select,
-                  seed, cache_dir, resume, overwrite, quiet):
+                  seed, strategy, devices, cache_dir, resume, overwrite, quiet):
     """Train a captioner on RECORDS (from build-records) into RUN_DIR."""
     from tfcap import decoder, encoder as encoders, features, outputs, train
 
@@ -218,7 +223,7 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
         for name in ("encoder", "encoder_weights", "alpha", "image_size", "precision", "decoder_kind", "units",
                      "embed_dim", "dropout", "epochs", "batch_size", "learning_rate", "lr_schedule", "clip_norm",
                      "captions_per_image", "eval_every", "eval_images", "patience", "train_encoder", "objective",
-                     "init_run", "samples", "baseline", "select", "seed"):
+                     "init_run", "samples", "baseline", "select", "seed", "strategy", "devices"):
             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT,
                                                       click.core.ParameterSource.DEFAULT_MAP):
                 value = ctx.params[name]
@@ -239,7 +244,8 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
                                        eval_images=eval_images, patience=patience, seed=seed, precision=precision,
                                        train_encoder=train_encoder, objective=objective,
                                        init=str(init_run) if init_run else "", samples=samples, baseline=baseline,
-                                       select=select or ("cider" if objective == "scst" else "bleu4")),
+                                       select=select or ("cider" if objective == "scst" else "bleu4"),
+                                       strategy=strategy, devices=devices),
         cache_dir=cache_dir, overwrite=overwrite, show_progress=not quiet)
 
 

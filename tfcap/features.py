@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tfcap import inputs, records
 from tfcap.errors import TfcapError
-from tfcap.outputs import atomic_directory
+from tfcap.outputs import OutputLock, atomic_directory
 from tfcap.progress import Stopwatch, progress_bar, summary
 
 CACHE_FORMAT = 3  # 2: random-init encoders have calibrated BatchNorm statistics; 3: on smooth images
@@ -175,6 +175,14 @@ def features_for(records_dir: Path, split: str, encoder, with_grid: bool, *, cac
     records.verify_shards(records_dir, split)
     entry = find_features(records_dir, split, encoder, with_grid, cache_dir)
     if entry is None:
-        entry = build_features(records_dir, split, encoder, with_grid, cache_dir=cache_dir,
-                               batch_size=batch_size, show_progress=show_progress)
+        # One builder at a time (the workers of a multi-worker cluster, two runs on the same records):
+        # the others wait for its entry instead of encoding the same images into the same scratch
+        # directory. The lock dies with its process, so a builder that is killed hands over to the next.
+        cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(records_dir)
+        with OutputLock(cache_dir / split, on_busy=lambda pid: summary(
+                f"feature cache: waiting for tfcap process {pid} to encode the {split} images")):
+            entry = find_features(records_dir, split, encoder, with_grid, cache_dir)  # built meanwhile?
+            if entry is None:
+                entry = build_features(records_dir, split, encoder, with_grid, cache_dir=cache_dir,
+                                       batch_size=batch_size, show_progress=show_progress)
     return load_features(entry)

@@ -138,10 +138,11 @@ class OutputLock:
     the owner removes the file when it releases the lock (after a SIGKILL the small file stays). flock belongs to the open file description: a second OutputLock on the
     same output fails in the same process as in another one. Also a context manager.
 
-    Raises TfcapError `... is in use by another tfcap process (pid N)` when the output is locked.
+    Raises TfcapError `... is in use by another tfcap process (pid N)` when the output is locked,
+    unless `on_busy` is given: then it is called with the owner's pid and the lock is waited for.
     """
 
-    def __init__(self, target: Path):
+    def __init__(self, target: Path, on_busy=None):
         self._fd, self._owner = None, False
         resolved = Path(target).resolve()  # ./out.csv, /abs/out.csv and a symlink to it: one lock
         self.path = resolved.parent / f".{resolved.name}.lock"
@@ -155,8 +156,12 @@ class OutputLock:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 owner = os.read(self._fd, 32).decode("ascii", "replace").strip() or "unknown"
-                self.release()
-                raise TfcapError(f"{target} is in use by another tfcap process (pid {owner})") from None
+                if on_busy is None:
+                    self.release()
+                    raise TfcapError(f"{target} is in use by another tfcap process (pid {owner})") from None
+                on_busy(owner)
+                on_busy = lambda owner: None  # noqa: E731 (said once)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)  # Ctrl-C interrupts the wait (PEP 475)
             # The owner before us unlinks the file when it is done: if it did so between our open and
             # our flock, we hold a lock on a file nobody else will see; take the new one instead.
             try:

@@ -102,8 +102,7 @@ class SelfCritical:
             logits, _ = trainer.decoder(tiled, inputs)
             loss = policy_loss(tf.cast(logits, tf.float32), sampled, lengths, advantages)
             scaled = trainer.optimizer.scale_loss(loss)
-        gradients = tape.gradient(scaled, trainer.variables)
-        trainer.optimizer.apply(gradients, trainer.variables)
+        trainer.apply_gradients(tape.gradient(scaled, trainer.variables))
         count = tf.cast(tf.shape(sampled)[0], tf.float64)
         trainer.count_step(loss, count)
         for key, value in (("reward", tf.reduce_sum(rewards)), ("greedy_cider", tf.reduce_sum(greedy_rewards)),

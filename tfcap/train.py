@@ -15,16 +15,25 @@ Resuming is exact: batches are a pure function of (seed, epoch), dropout is seed
 step, and the checkpoint records the step within the epoch (counted inside the train step's graph,
 with the update) and the epoch's running loss, token and time sums, so an interrupted run continues
 with the very batch it would have trained on next and its epoch's metrics line covers the whole epoch.
+
+Under a tf.distribute strategy (`tfcap.distribute`: mirrored, multi-worker) the same step runs per
+replica on a slice of the same global batch, with the loss normalized by the global token count and
+the gradients summed over replicas before clipping, so it computes the one-device update; the
+counters are updated once per step in cross-replica context. Only the chief writes the run directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import re
 import shutil
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import click
@@ -32,7 +41,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcap import decoder as decoders, encoder as encoders, features, inputs, metrics, model as models, records, scst, text
+from tfcap import (decoder as decoders, distribute, encoder as encoders, features, inputs, metrics, model as models,
+                   records, scst, text)
 from tfcap.errors import Interrupted, TfcapError
 from tfcap.outputs import OutputLock, sha256_file, write_text_atomic
 from tfcap.progress import Stopwatch, summary
@@ -44,7 +54,8 @@ LOGS = "logs"
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How the decoder is trained. Saved in config.json; a resumed run must use the same."""
+    """How the decoder is trained. Saved in config.json; a resumed run must use the same (but for
+    epochs, strategy and devices)."""
 
     epochs: int = 20
     batch_size: int = 64
@@ -67,6 +78,10 @@ class TrainConfig:
     # Epochs the LR schedule spans; None: `epochs`. `--resume --epochs N` keeps the original span, so
     # the epochs trained so far are unchanged and those beyond it run at the cosine's floor.
     schedule_epochs: int | None = None
+    # Where it trains (tfcap.distribute): auto | one-device | mirrored | multi-worker, and the devices
+    # of one-device or mirrored ("GPU:0,GPU:1"; "": all GPUs). --resume may change them: a run may move.
+    strategy: str = "auto"
+    devices: str = ""
 
     def __post_init__(self):
         if self.captions_per_image not in ("one", "all"):
@@ -90,20 +105,55 @@ class TrainConfig:
                 raise TfcapError("--samples must be at least 2 with --baseline mean (1 with greedy)")
         if self.schedule_epochs is not None and self.schedule_epochs < 1:
             raise TfcapError("schedule_epochs must be positive")
+        if self.strategy not in distribute.STRATEGIES:
+            raise TfcapError(f"--strategy must be one of {', '.join(distribute.STRATEGIES)}")
+        if self.strategy in distribute.DISTRIBUTED and (self.objective == "scst" or self.train_encoder):
+            # SCST rewards its samples in NumPy between two graphs, and a trained encoder's batches are
+            # by image with BatchNorm statistics per batch: neither is split over replicas (yet).
+            raise TfcapError(f"--strategy {self.strategy} trains the decoder by cross-entropy only: "
+                             + ("--objective scst" if self.objective == "scst" else "--train-encoder")
+                             + " runs with --strategy one-device (auto)")
 
 
-def masked_cross_entropy(targets: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Mean cross-entropy over non-pad targets.
+def masked_cross_entropy_sum(targets: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Summed cross-entropy over non-pad targets.
 
     Args:
-      targets: tf.int32 [B, T]; logits: tf.float32 [B, T, V].
+      targets: tf.int32 [B, T]; logits: tf.float32 [B, T, V] (B may be 0: a replica's empty slice).
     Returns:
-      (mean loss tf.float32 [], number of target tokens tf.float32 []).
+      (sum of the token losses tf.float32 [], number of target tokens tf.float32 []).
     """
     mask = tf.cast(tf.not_equal(targets, text.PAD_ID), tf.float32)
     losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=tf.cast(logits, tf.float32))
-    tokens = tf.reduce_sum(mask)
-    return tf.reduce_sum(losses * mask) / tf.maximum(tokens, 1.0), tokens
+    return tf.reduce_sum(losses * mask), tf.reduce_sum(mask)
+
+
+def masked_cross_entropy(targets: tf.Tensor, logits: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mean cross-entropy over non-pad targets: (mean loss tf.float32 [], target tokens tf.float32 []),
+    shapes as in `masked_cross_entropy_sum`."""
+    total, tokens = masked_cross_entropy_sum(targets, logits)
+    return total / tf.maximum(tokens, 1.0), tokens
+
+
+def _clip_by_global_norm(gradients: list, clip_norm) -> list:
+    """Gradients (dense tensors or None) scaled by min(1, clip_norm / their global L2 norm); NaN where
+    that norm is not finite. The arithmetic of Keras' `global_clipnorm`, which clips one device's
+    gradients, so that a distributed run computes what one device does."""
+    norm = tf.sqrt(tf.reduce_sum(tf.stack([tf.reduce_sum(tf.square(g)) for g in gradients if g is not None])))
+    scale = clip_norm * tf.minimum(1.0 / norm, 1.0 / clip_norm) + (norm - norm)  # + (norm - norm): inf, NaN -> NaN
+    return [None if g is None else g * scale for g in gradients]
+
+
+class _SummedGradientsAdam(keras.optimizers.Adam):
+    """Adam for gradients that the train step has already summed over the replicas and clipped.
+
+    Keras' optimizer sums the replicas' gradients itself, but only after clipping each replica's
+    own (`global_clipnorm` would then bound the wrong norm); so the trainer all-reduces, clips the
+    sum like one device, and this optimizer applies it as it is. On one device there is nothing to sum.
+    """
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return grads_and_vars
 
 
 def _schedule(config: TrainConfig, total_steps: int):
@@ -125,15 +175,20 @@ class _Trainer:
     """State and compiled steps of one run; `fit` is the epoch loop."""
 
     def __init__(self, captioner: models.Captioner, train_config: TrainConfig, total_steps: int, run_dir: Path,
-                 reward: metrics.TokenCiderD | None = None):
+                 reward: metrics.TokenCiderD | None = None, placement: distribute.Placement | None = None):
+        """Under `placement`'s strategy scope when it is given (its variables are then the strategy's)."""
         self.captioner, self.config, self.run_dir = captioner, train_config, run_dir
+        self.placement = placement or distribute.Placement(tf.distribute.get_strategy(), "one-device")
         self.decoder, self.encoder = captioner.decoder, captioner.encoder
         self.train_encoder = train_config.train_encoder
         self.batch_norm_training = self.train_encoder and captioner.config.encoder.weights == "none"
         self.keys = ("image",) if self.train_encoder else models.feature_keys(captioner.config.decoder)
         self.variables = self.decoder.trainable_variables + (
             self.encoder.model.trainable_variables if self.train_encoder else [])
-        optimizer = keras.optimizers.Adam(_schedule(train_config, total_steps), global_clipnorm=train_config.clip_norm)
+        # Distributed: clipped in apply_gradients, after the sum over replicas. One device: by Keras,
+        # as before tf.distribute (its dense norm of the embedding's IndexedSlices costs 2-3% of a step).
+        optimizer = _SummedGradientsAdam(_schedule(train_config, total_steps), name="adam", global_clipnorm=(
+            None if self.placement.distributed else train_config.clip_norm))
         if captioner.config.precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)  # float16 gradients underflow otherwise
         self.optimizer = optimizer
@@ -148,7 +203,7 @@ class _Trainer:
         self.token_sum = tf.Variable(0.0, dtype=tf.float64, name="token_sum")
         self.first_loss = tf.Variable(np.nan, dtype=tf.float64, name="first_loss")
         self.epoch_seconds = tf.Variable(0.0, dtype=tf.float64, name="epoch_seconds")  # training time so far
-        self.train_step = tf.function(self._train_step, reduce_retracing=True)
+        self.train_step, self._step_graph, self.batch_spec = self._train_step_graph, None, None
         self.self_critical = None
         if train_config.objective == "scst":
             self.self_critical = scst.SelfCritical(self, reward, train_config.samples, train_config.baseline)
@@ -165,7 +220,16 @@ class _Trainer:
         self.checkpoint_without_sums = tf.train.Checkpoint(
             **trained, optimizer=self.optimizer, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
             global_step=self.global_step, best_score=self.best_score, bad_evals=self.bad_evals)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, str(run_dir / CHECKPOINTS), max_to_keep=2)
+        # Every worker saves (saving may create variables, collectively under multi-worker), but only
+        # the chief into the run directory: the others into a scratch directory deleted after each save.
+        # Named, not created: the first save creates it, so a worker that never saves leaves nothing.
+        self.scratch = (None if self.placement.is_chief
+                        else Path(tempfile.gettempdir()) / f"tfcap-worker-{uuid.uuid4().hex}")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, str(self.scratch or run_dir / CHECKPOINTS),
+                                                  max_to_keep=2)
+        # The save counter is created on first use, collectively under multi-worker: create it here,
+        # on every worker, so that a save on one worker alone (Ctrl-C) does not wait for the others.
+        self.checkpoint.save_counter  # noqa: B018
         self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
         self.decode_step = tf.function(
             lambda feats: captioner.generate(self._features(feats), beam_size=1)[0], reduce_retracing=True)
@@ -179,17 +243,70 @@ class _Trainer:
             feats = {k: tf.gather(v, owners) for k, v in feats.items()}
         return feats
 
+    def _train_step_graph(self, *batch):
+        """`_train_step` as one graph for every batch and caption length, traced once from
+        `batch_spec`: the training batches' element spec (per-replica under a distributed strategy),
+        set by `fit`. Without it (a caller of its own), traced from the first batch and relaxed on
+        the second's shapes, as `reduce_retracing` does."""
+        if self._step_graph is None:
+            self._step_graph = tf.function(self._train_step, **(
+                {"reduce_retracing": True} if self.batch_spec is None else {"input_signature": tuple(self.batch_spec)}))
+        return self._step_graph(*batch)
+
     def _train_step(self, feats, inputs_, targets, owners=None):
+        """One step on a global batch (per-replica slices under a distributed strategy, see
+        `distribute.replica_batches`): returns (token-mean loss tf.float32 [], tokens tf.float32 [])."""
+        strategy = self.placement.strategy
+        loss_sum, tokens = strategy.run(self._replica_step, (feats, inputs_, targets, owners))
+        loss_sum, tokens = (strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None) for t in (loss_sum, tokens))
+        loss = loss_sum / tf.maximum(tokens, 1.0)
+        self.count_step(loss, tokens)  # cross-replica: counted once per step, from the summed values
+        return loss, tokens
+
+    def _replica_step(self, feats, inputs_, targets, owners):
+        """A replica's share: its loss is its summed token losses over the GLOBAL token count (and its
+        rows' share of the attention penalty, a mean over the batch), so that the replicas' gradients
+        sum to the one-device gradient of the whole batch. Returns (summed loss, tokens) of its slice."""
         seed = tf.stack([tf.constant(self.config.seed, tf.int64), self.global_step])
+        rows = tf.cast(tf.shape(targets)[0], tf.float32)
+        local_tokens = tf.reduce_sum(tf.cast(tf.not_equal(targets, text.PAD_ID), tf.float32))
+        all_tokens, all_rows = self._sum_over_replicas([local_tokens, rows])
         with tf.GradientTape() as tape:
             logits, penalty = self.decoder(self._features(feats, owners, training=True), inputs_, seed=seed)
-            loss, tokens = masked_cross_entropy(targets, logits)
-            total = loss + penalty
+            loss_sum, tokens = masked_cross_entropy_sum(targets, logits)
+            # multiply_no_nan: an empty slice's penalty is a mean over no rows (NaN), its share 0.
+            total = loss_sum / tf.maximum(all_tokens, 1.0) + tf.math.multiply_no_nan(penalty, rows / all_rows)
             scaled = self.optimizer.scale_loss(total)
-        gradients = tape.gradient(scaled, self.variables)
+        self.apply_gradients(tape.gradient(scaled, self.variables))
+        return loss_sum, tokens
+
+    def _sum_over_replicas(self, values: list) -> list:
+        """All-reduced sums (identity on one device); values: tensors, None passed through."""
+        if not self.placement.distributed:
+            return values
+        present = [v for v in values if v is not None]
+        summed = iter(tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, present))
+        return [None if v is None else next(summed) for v in values]
+
+    def apply_gradients(self, gradients: list) -> None:
+        """Sum the gradients over the replicas, clip them by global norm and apply them (also SCST's).
+
+        Args:
+          gradients: of `self.optimizer.scale_loss(loss)` w.r.t. `self.variables` (None where unused).
+        """
+        if not self.placement.distributed:  # nothing to sum; the optimizer clips (global_clipnorm)
+            self.optimizer.apply(gradients, self.variables)
+            return
+        # Dense: the embedding's gradient comes as IndexedSlices, one row per word of the batch,
+        # repeated words apart; the norm is the dense gradient's (as Keras' global_clipnorm has it).
+        gradients = self._sum_over_replicas([None if g is None else tf.convert_to_tensor(g) for g in gradients])
+        if self.config.clip_norm > 0:
+            # A LossScaleOptimizer's gradients are of the scaled loss: clip at the scaled norm (it
+            # unscales them in apply); non-finite ones stay non-finite, so it still skips the step.
+            scale = getattr(self.optimizer, "dynamic_scale", None)
+            gradients = _clip_by_global_norm(
+                gradients, self.config.clip_norm * (1.0 if scale is None else tf.cast(scale, tf.float32)))
         self.optimizer.apply(gradients, self.variables)
-        self.count_step(loss, tokens)
-        return loss, tokens
 
     def count_step(self, loss: tf.Tensor, tokens: tf.Tensor) -> None:
         """The step and the epoch's running sums, inside the train step's graph (also SCST's).
@@ -255,13 +372,38 @@ class _Trainer:
         return {"val_bleu4": metrics.score_bleu(references, hypotheses)[0][3],
                 "val_cider": metrics.score_cider_d(references, hypotheses)[0]}
 
+    def save_checkpoint(self) -> str:
+        """A checkpoint of the whole state; returns its path (a non-chief worker's is already deleted)."""
+        path = self.manager.save(checkpoint_number=int(self.global_step.numpy()))
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+        return path
+
     def fit(self, train_features, val_features, steps_per_epoch: int, show_progress: bool) -> dict:
-        writer = tf.summary.create_file_writer(str(self.run_dir / LOGS))
+        """The epoch loop; under multi-worker, a lost worker ends it with TfcapError (restart all with --resume)."""
+        try:
+            return self._fit(train_features, val_features, steps_per_epoch, show_progress)
+        except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+                tf.errors.AbortedError, tf.errors.InternalError, tf.errors.FailedPreconditionError) as e:
+            if self.placement.name != "multi-worker":
+                raise
+            # The message's first line is often a frame ("Graph execution error:"): name the abort instead.
+            lines = [re.sub(r"^\{\{.*?\}\}\s*", "", line).strip() for line in (e.message or str(e)).splitlines()]
+            cause = next((line for line in lines if "abort" in line.lower()),
+                         next((line for line in lines if line and not line.endswith(":")), type(e).__name__))[:160]
+            raise TfcapError(f"multi-worker training stopped, a worker is gone ({cause}); start every worker again "
+                             f"with --resume to continue from the last checkpoint") from None
+
+    def _fit(self, train_features, val_features, steps_per_epoch: int, show_progress: bool) -> dict:
+        chief = self.placement.is_chief
+        writer = tf.summary.create_file_writer(str(self.run_dir / LOGS)) if chief else tf.summary.create_noop_writer()
         clock, last = Stopwatch(), {}
-        while int(self.epoch) < self.config.epochs:
-            epoch, skip = int(self.epoch), int(self.step_in_epoch)
-            batches = self.batches(train_features, shuffle=True, epoch=epoch,
-                                   captions_per_image=self.config.captions_per_image).skip(skip)
+        while int(self.epoch.numpy()) < self.config.epochs:
+            epoch, skip = int(self.epoch.numpy()), int(self.step_in_epoch.numpy())
+            batches = distribute.replica_batches(self.placement, lambda: self.batches(
+                train_features, shuffle=True, epoch=epoch,
+                captions_per_image=self.config.captions_per_image).skip(skip))
+            self.batch_spec = self.batch_spec or batches.element_spec  # the same every epoch
             epoch_clock, session_tokens = Stopwatch(), 0.0
             label = f"epoch {epoch + 1}/{self.config.epochs}"
             bar = click.progressbar(length=steps_per_epoch, label=label, file=sys.stderr, show_pos=True,
@@ -279,38 +421,43 @@ class _Trainer:
                         bar.update(1, f"loss {float(loss):.3f} {session_tokens / epoch_clock.seconds:,.0f} tok/s")
             except KeyboardInterrupt:
                 self.epoch_seconds.assign_add(epoch_clock.seconds)
-                path = self.manager.save(checkpoint_number=int(self.global_step))
+                path = self.save_checkpoint()
+                if not self.placement.is_chief:
+                    raise Interrupted("interrupted: a worker keeps no checkpoint of its own (the chief's count); "
+                                      "continue every worker with --resume") from None
                 raise Interrupted(f"interrupted: checkpoint {path} saved at epoch {epoch + 1}, step "
-                                  f"{int(self.step_in_epoch)}; continue with --resume") from None
+                                  f"{int(self.step_in_epoch.numpy())}; continue with --resume") from None
             finally:
                 if bar:
                     bar.__exit__(None, None, None)
-            seconds = float(self.epoch_seconds) + epoch_clock.seconds  # over all sessions of this epoch
-            token_sum, first_loss = float(self.token_sum), float(self.first_loss)
-            record = {"epoch": epoch + 1, "loss": float(self.loss_sum) / max(token_sum, 1.0),
+            seconds = float(self.epoch_seconds.numpy()) + epoch_clock.seconds  # over all sessions of this epoch
+            token_sum, first_loss = float(self.token_sum.numpy()), float(self.first_loss.numpy())
+            record = {"epoch": epoch + 1, "loss": float(self.loss_sum.numpy()) / max(token_sum, 1.0),
                       "first_batch_loss": None if math.isnan(first_loss) else first_loss,
                       "val_loss": self.validation_loss(val_features), "learning_rate": self.learning_rate(),
                       "tokens_per_s": token_sum / max(seconds, 1e-9), "epoch_seconds": seconds,
-                      "steps": int(self.step_in_epoch)}
+                      "steps": int(self.step_in_epoch.numpy())}
             if self.self_critical:  # "loss" is the policy-gradient surrogate; tokens_per_s counts samples
                 record.update({"samples_per_s": record.pop("tokens_per_s"), **self.self_critical.stats()})
             improved = False
             if self.config.eval_every and (epoch + 1) % self.config.eval_every == 0:
                 record.update(self.val_scores(val_features))
                 score = record[f"val_{self.config.select}"]
-                improved = score > float(self.best_score)
+                improved = score > float(self.best_score.numpy())
             elif not self.config.eval_every:
-                improved = -record["val_loss"] > float(self.best_score)  # no BLEU: best by validation loss
+                improved = -record["val_loss"] > float(self.best_score.numpy())  # no BLEU: best by validation loss
                 score = -record["val_loss"]
             if improved:
                 self.best_score.assign(score)
                 self.bad_evals.assign(0)
-                self.save_best()
+                if chief:
+                    self.save_best()
             elif f"val_{self.config.select}" in record:
                 self.bad_evals.assign_add(1)
             record["best"] = improved
-            with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            if chief:
+                with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
             with writer.as_default(step=epoch + 1):
                 for key in ("loss", "val_loss", "val_bleu4", "val_cider", "learning_rate", "tokens_per_s",
                             "samples_per_s", "reward", "greedy_cider"):
@@ -330,14 +477,15 @@ class _Trainer:
                           *(self.self_critical.sums.values() if self.self_critical else ())):
                 total.assign(tf.zeros_like(total))
             self.first_loss.assign(np.nan)
-            self.manager.save(checkpoint_number=int(self.global_step))
+            self.save_checkpoint()
             last = record
-            if self.config.patience and int(self.bad_evals) >= self.config.patience:
+            if self.config.patience and int(self.bad_evals.numpy()) >= self.config.patience:
                 click.echo(f"early stop: no {'BLEU-4' if self.config.select == 'bleu4' else 'CIDEr-D'} improvement "
                            f"in {self.config.patience} evaluations", err=True)
                 break
         writer.close()
-        return {"epochs": int(self.epoch), "seconds": clock.seconds, "best_score": float(self.best_score), **last}
+        return {"epochs": int(self.epoch.numpy()), "seconds": clock.seconds,
+                "best_score": float(self.best_score.numpy()), **last}
 
 
 def _init_model(init_dir: Path, vocab: text.Vocabulary, records_dir: Path):
@@ -379,15 +527,16 @@ def _resumed_train_config(run_dir: Path, saved: dict, given: dict) -> TrainConfi
     Args:
       saved: the run's config.json.
       given: the settings given again with --resume, as "section.field" -> value, section one of
-        encoder, decoder, train (e.g. {"decoder.kind": "merge"}). Any but train.epochs that differs
-        from the saved one raises TfcapError naming its option.
+        encoder, decoder, train (e.g. {"decoder.kind": "merge"}). train.strategy and train.devices
+        replace the saved ones; any other but train.epochs that differs from the saved one raises
+        TfcapError naming its option.
     """
     train_config = TrainConfig(**saved["train"])
     sections = {"encoder": saved["model"]["encoder"], "decoder": saved["model"]["decoder"], "train": saved["train"]}
     for key, value in given.items():
         section, field = key.split(".")
         had = sections[section].get(field)
-        if key == "train.epochs" or value == had:
+        if key in ("train.epochs", "train.strategy", "train.devices") or value == had:
             continue
         if key == "encoder.image_size" and had is None and value == encoders.EncoderConfig(**sections["encoder"]).size:
             continue
@@ -399,6 +548,9 @@ def _resumed_train_config(run_dir: Path, saved: dict, given: dict) -> TrainConfi
         option = _OPTION_NAMES.get(key, "--" + field.replace("_", "-"))
         raise TfcapError(f"{option} {value} differs from the {had} that {run_dir} was trained with: --resume keeps "
                          "a run's settings but --epochs; train a new run (another -o) to change it")
+    placement = {field: given[f"train.{field}"] for field in ("strategy", "devices") if f"train.{field}" in given}
+    if placement:  # where a run trains is no part of what it learns
+        train_config = dataclasses.replace(train_config, **placement)
     epochs = given.get("train.epochs", train_config.epochs)
     if epochs != train_config.epochs:
         train_config = dataclasses.replace(train_config, epochs=epochs,
@@ -428,28 +580,53 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
     checkpoint. `given` holds the settings the user gave again ("section.field" -> value, see
     `_resumed_train_config`): `{"train.epochs": N}` extends (or shortens) the run, with the LR
     schedule still spanning the run's original epochs (beyond them the cosine stays at its floor,
-    10% of the learning rate, instead of rising again); any other that differs is refused.
+    10% of the learning rate, instead of rising again); "train.strategy" and "train.devices" replace
+    the saved ones (a resumed run may move to other devices or machines); any other that differs is refused.
+
+    Under `train_config.strategy` multi-worker, every worker calls this with the same arguments; only
+    the chief (TF_CONFIG) writes RUN_DIR, the others read it to resume.
     """
-    with OutputLock(run_dir):  # one process per run directory, new or resumed
-        return _train_locked(Path(records_dir), Path(run_dir), encoder_config, decoder_config, train_config,
-                             cache_dir, resume, overwrite, show_progress, given)
+    records_dir, run_dir = Path(records_dir), Path(run_dir)
+    given = given or {}
+    strategy = given.get("train.strategy", _saved_strategy(run_dir)) if resume else train_config.strategy
+    # One process per run directory, new or resumed; the other workers of a cluster only read it.
+    with OutputLock(run_dir) if distribute.is_chief(strategy) else contextlib.nullcontext():
+        saved = models.read_run_config(run_dir) if resume else None
+        if resume:
+            train_config = _resumed_train_config(run_dir, saved, given)
+        strategy = train_config.strategy
+        if strategy == "auto" and (train_config.objective == "scst" or train_config.train_encoder):
+            strategy = "one-device"  # not split over replicas (TrainConfig refuses them with the others)
+        # Before TensorFlow runs an op: MultiWorkerMirroredStrategy sets up the runtime's collectives.
+        placement = distribute.placement(strategy, train_config.devices)
+        return _train_locked(records_dir, run_dir, encoder_config, decoder_config, train_config, cache_dir, resume,
+                             overwrite, show_progress, saved, placement)
+
+
+def _saved_strategy(run_dir: Path) -> str:
+    """The strategy in RUN_DIR's config.json, read before its lock is taken (which needs to know
+    whether this process is a multi-worker cluster's chief); "auto" if there is none to read: the
+    locked read then says what is wrong."""
+    try:
+        return str(json.loads((run_dir / models.CONFIG).read_text(encoding="utf-8"))["train"].get("strategy", "auto"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "auto"
 
 
 def _train_locked(records_dir, run_dir, encoder_config, decoder_config, train_config, cache_dir, resume, overwrite,
-                  show_progress, given) -> dict:
+                  show_progress, saved, placement) -> dict:
+    chief = placement.is_chief
     manifest = records.read_manifest(records_dir)
     vocab = records.load_vocabulary(records_dir)
     if resume:
-        saved = models.read_run_config(run_dir)
         model_config = models.ModelConfig.from_dict(saved["model"])
-        train_config = _resumed_train_config(run_dir, saved, given or {})
         if model_config.vocab_sha256 != vocab.sha256:
             raise TfcapError(f"{records_dir} has a different vocabulary from the one {run_dir} was trained on "
                              f"({vocab.sha256[:12]} vs {model_config.vocab_sha256[:12]})")
         encoder_config = dataclasses.replace(model_config.encoder, weights=str(run_dir / models.ENCODER_WEIGHTS))
         encoder = _resumed_encoder(encoder_config, model_config.precision, saved.get("encoder_weights"))
     else:
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if chief and run_dir.exists() and any(run_dir.iterdir()):
             if not overwrite:
                 raise TfcapError(f"{run_dir} already exists; pass --resume to continue it or --overwrite to replace it")
             shutil.rmtree(run_dir)
@@ -472,6 +649,14 @@ def _train_locked(records_dir, run_dir, encoder_config, decoder_config, train_co
         train_features, val_features = (
             features.features_for(records_dir, split, encoder, with_grid, cache_dir=cache_dir,
                                   show_progress=show_progress) for split in ("train", "val"))
+    with placement.strategy.scope():  # the decoder's, the optimizer's and the trainer's variables
+        return _train_in_scope(records_dir, run_dir, train_config, resume, show_progress, saved, placement, manifest,
+                               vocab, model_config, encoder, train_features, val_features)
+
+
+def _train_in_scope(records_dir, run_dir, train_config, resume, show_progress, saved, placement, manifest, vocab,
+                    model_config, encoder, train_features, val_features) -> dict:
+    chief = placement.is_chief
     grid_h, grid_w = encoder.grid_shape
     # Seeded here, after the feature cache: whether it had to be built must not change the decoder's init.
     keras.utils.set_random_seed(train_config.seed)
@@ -482,40 +667,41 @@ def _train_locked(records_dir, run_dir, encoder_config, decoder_config, train_co
             decoder.load_weights(str(Path(train_config.init) / models.DECODER_WEIGHTS))
         reward = metrics.TokenCiderD(scst.training_references(records_dir), len(vocab))
     captioner = models.Captioner(model_config, encoder, decoder, vocab)
-    if not resume:
+    if chief and not resume:
         models.write_run_files(run_dir, model_config, vocab, encoder, {
             "train": dataclasses.asdict(train_config),
             "records": {"path": str(records_dir.resolve()), "vocab_sha256": manifest["vocab_sha256"],
                         "train_images": manifest["splits"]["train"]["images"]}})
     steps_per_epoch = _steps_per_epoch(manifest, "train", train_config)
     trainer = _Trainer(captioner, train_config, steps_per_epoch * (train_config.schedule_epochs or train_config.epochs),
-                       run_dir, reward)
+                       run_dir, reward, placement)
     if resume:
-        latest = trainer.manager.latest_checkpoint
+        latest = tf.train.latest_checkpoint(str(run_dir / CHECKPOINTS))  # the chief's, for every worker
         if latest is None:
             raise TfcapError(f"{run_dir} has no checkpoint to resume from")
         if "loss_sum/.ATTRIBUTES/VARIABLE_VALUE" in dict(tf.train.list_variables(latest)):
             trainer.checkpoint.restore(latest).assert_existing_objects_matched()
         else:
             trainer.checkpoint_without_sums.restore(latest).assert_existing_objects_matched()
-            if int(trainer.step_in_epoch):
+            if int(trainer.step_in_epoch.numpy()):
                 click.echo("note: a checkpoint of an older tfcap, without the epoch's running sums: the metrics of "
-                           f"epoch {int(trainer.epoch) + 1} cover only the steps after step {int(trainer.step_in_epoch)}",
-                           err=True)
-        _forget_unsaved_epochs(run_dir / METRICS, int(trainer.epoch))
-        if dataclasses.asdict(train_config) != saved["train"]:  # --epochs changed: the run's config says so
+                           f"epoch {int(trainer.epoch.numpy()) + 1} cover only the steps after step "
+                           f"{int(trainer.step_in_epoch.numpy())}", err=True)
+        epoch, step = int(trainer.epoch.numpy()), int(trainer.step_in_epoch.numpy())  # completed, in the next
+        if chief:
+            _forget_unsaved_epochs(run_dir / METRICS, epoch)
+        if chief and dataclasses.asdict(train_config) != saved["train"]:  # --epochs changed: the run's config says so
             write_text_atomic(run_dir / models.CONFIG,
                               json.dumps({**saved, "train": dataclasses.asdict(train_config)}, indent=2) + "\n")
-        stopped_early = train_config.patience and int(trainer.bad_evals) >= train_config.patience
-        if int(trainer.epoch) >= train_config.epochs or stopped_early:
-            summary(f"train: {run_dir} has " + (f"stopped early after {int(trainer.epoch)} epochs"
-                                                if stopped_early else f"finished its {int(trainer.epoch)} epochs")
+        stopped_early = train_config.patience and int(trainer.bad_evals.numpy()) >= train_config.patience
+        if epoch >= train_config.epochs or stopped_early:
+            summary(f"train: {run_dir} has " + (f"stopped early after {epoch} epochs" if stopped_early
+                                                else f"finished its {epoch} epochs")
                     + "; nothing to train" + ("" if stopped_early else " (--epochs N continues it to N)"))
-            return {"epochs": int(trainer.epoch), "seconds": 0.0, "best_score": float(trainer.best_score)}
-        click.echo(f"resuming {run_dir} at epoch {int(trainer.epoch) + 1}, step {int(trainer.step_in_epoch)}",
-                   err=True)
+            return {"epochs": epoch, "seconds": 0.0, "best_score": float(trainer.best_score.numpy())}
+        click.echo(f"resuming {run_dir} at epoch {epoch + 1}, step {step}", err=True)
     result = trainer.fit(train_features, val_features, steps_per_epoch, show_progress)
-    if not (run_dir / models.DECODER_WEIGHTS).exists():
+    if chief and not (run_dir / models.DECODER_WEIGHTS).exists():
         trainer.save_best()
     best = "BLEU-4" if train_config.select == "bleu4" else "CIDEr-D"
     summary(f"train: {result['epochs']} epoch{'' if result['epochs'] == 1 else 's'} in {result['seconds']:.1f} s"

@@ -22,8 +22,9 @@ import time
 import numpy as np
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def merge_model_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the benchmarked model and of the timing (also `bench_strategy.py`'s)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("records")
     parser.add_argument("--encoder", default="mobilenet")
     parser.add_argument("--alpha", type=float, default=0.25)
@@ -31,15 +32,15 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--units", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64, help="captions per tfcap step")
-    parser.add_argument("--notebook-images", type=int, default=8, help="images per notebook batch")
     parser.add_argument("--seconds", type=float, default=30.0, help="timed seconds per run")
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    return parser
 
-    import keras
-    import tensorflow as tf
 
-    from tfcap import decoder, encoder, features, inputs, model, records, text, train
+def cached_merge_model(args):
+    """(vocabulary, encoder, the train split's cached features (built if missing), ModelConfig of a
+    float32 merge decoder with `args.units` units) for the options of `merge_model_parser`."""
+    from tfcap import decoder, encoder, features, model, records, text
 
     vocab = records.load_vocabulary(args.records)
     manifest = records.read_manifest(args.records)
@@ -49,6 +50,20 @@ def main() -> None:
     config = model.ModelConfig(encoder=enc.config, decoder=decoder.DecoderConfig(units=args.units, embed_dim=args.units),
                                text=text.TextConfig(**manifest["text"]), precision="float32",
                                vocab_size=len(vocab), vocab_sha256=vocab.sha256)
+    return vocab, enc, cached, config
+
+
+def main() -> None:
+    parser = merge_model_parser(__doc__.splitlines()[0])
+    parser.add_argument("--notebook-images", type=int, default=8, help="images per notebook batch")
+    args = parser.parse_args()
+
+    import keras
+    import tensorflow as tf
+
+    from tfcap import inputs, model, text, train
+
+    vocab, enc, cached, config = cached_merge_model(args)
 
     # ---- tfcap: the real train step on the real input pipeline --------------------------------
     captioner = model.Captioner(config, enc, model.build_decoder(config, enc.feature_dim, 1), vocab)
