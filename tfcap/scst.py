@@ -56,7 +56,7 @@ def policy_loss(logits: tf.Tensor, sampled: tf.Tensor, lengths: tf.Tensor, advan
       tf.float32 [].
     """
     log_probs = beam.sampled_log_probs(logits, sampled, lengths)
-    tokens = tf.reduce_sum(tf.cast(tf.range(tf.shape(sampled)[1])[None, :] < lengths[:, None], tf.float32))
+    tokens = tf.cast(tf.reduce_sum(lengths), tf.float32)  # lengths never exceed T
     return -tf.reduce_sum(advantages[:, None] * log_probs) / tf.maximum(tokens, 1.0)
 
 

@@ -3,7 +3,8 @@
     python tools/bundle_model.py RUN_DIR RECORDS --name NAME --beam-size K --length-penalty A \
         --summary "..." [--overwrite]
 
-Copies config.json, vocab.txt and metrics.jsonl; stores the decoder's best weights in float16 and
+Copies vocab.txt and metrics.jsonl, and config.json marked `"encoder_weights": {"from": "imagenet"}`
+(`model.FROM_DEPENDENCY`: the encoder's weights come from the installed package); stores the decoder's best weights in float16 and
 checks on the val split (its cached features) how many captions that changes (printed, and kept in
 card.json); leaves out the encoder weights when they are the plain ImageNet ones (an installed
 dependency provides them); writes decoding.json (the decoding settings chosen on val) and card.json
