@@ -97,7 +97,7 @@ def no_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the output was checked")
 
-    for target in ("tfcap.layouts.read_source", "tfcap.records.build_records", "tfcap.train.train",
+    for target in ("tfcap.datasets.read_source", "tfcap.records.build_records", "tfcap.train.train",
                    "tfcap.export.load_predictor", "tfcap.export.export", "tfcap.gallery.write_gallery",
                    "tfcap.evaluate.run_model", "tfcap.evaluate.references_from", "tfcap.demo.run_demo",
                    "tfcap.model.load_model"):

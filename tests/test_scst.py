@@ -10,7 +10,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 from test_train import TINY_ENCODER, epochs_logged, fit, tiny_records  # noqa: F401 (fixture)
-from tfcap import beam, evaluate, metrics, scst, text, train
+from tfcap import decoding, evaluate, metrics, scst, text, train
 from tfcap.cli import main
 from tfcap.errors import TfcapError
 
@@ -71,7 +71,7 @@ def test_sample_search_is_seeded_follows_the_distribution_and_forbids_special_to
     probs = np.array([0.3, 0.1, 0.1, 0.2, 0.1, 0.15, 0.05, 0.0]) + 1e-9  # pad, unk, start, end, words
     step = fixed_step(np.log(probs / probs.sum()))
     state = tf.zeros([4000, 1])
-    sample = lambda seed: beam.sample_search(step, state, {}, max_length=6, seed=tf.constant(seed, tf.int64))
+    sample = lambda seed: decoding.sample_search(step, state, {}, max_length=6, seed=tf.constant(seed, tf.int64))
     tokens, lengths = sample([1, 2])
     again, _ = sample([1, 2])
     other, _ = sample([1, 3])

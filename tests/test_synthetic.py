@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from tfcap import layouts, synthetic
+from tfcap import datasets, synthetic
 from tfcap.cli import main
 from tfcap.errors import TfcapError
 
@@ -160,7 +160,7 @@ def test_one_size_and_all_shapes():
 
 def test_csv_reads_and_build_records_succeeds(tmp_path):
     summary = synthetic.write_scenes(tmp_path / "scenes", SMALL)
-    source = layouts.read_source(None, captions_file=summary["captions_file"], images_dir=summary["images_dir"])
+    source = datasets.read_source(None, captions_file=summary["captions_file"], images_dir=summary["images_dir"])
     assert source.layout == "generic" and source.split_source == "column"
     assert source.captions == summary["references"]
     assert collections.Counter(source.splits.values()) == summary["images"] == {"train": 32, "val": 4, "test": 4}

@@ -4,7 +4,7 @@ Both take image features from the encoder and word ids, and offer two views of o
 
 - `__call__(features, tokens)`: teacher forcing on whole padded captions in one call (training).
 - `initial_state(features)` + `step(tokens, state, context)`: one word at a time (beam search,
-  greedy decoding, export), with the step contract of `tfcap.beam`.
+  greedy decoding, export), with the step contract of `tfcap.decoding`.
 
 Features are a dict: `pooled` tf.float32 [B, C] (spatial mean of the encoder grid) and, for the
 attention decoder, `grid` [B, L, C] (L = h*w locations; float16 in the cache, cast here).

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from tfcap import caption, decoder, encoder, evaluate, export, layouts, records, synthetic, train
+from tfcap import caption, datasets, decoder, encoder, evaluate, export, records, synthetic, train
 from tfcap.errors import TfcapError
 from tfcap.outputs import refuse_existing
 from tfcap.progress import Stopwatch, summary
@@ -50,7 +50,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), *, overwrite: bool = 
     step(f"generating {config.scenes.images} captioned scenes")
     data = synthetic.write_scenes(out / "data", config.scenes, overwrite=True)
     step("build-records")
-    source = layouts.read_source(None, captions_file=Path(data["captions_file"]), images_dir=Path(data["images_dir"]))
+    source = datasets.read_source(None, captions_file=Path(data["captions_file"]), images_dir=Path(data["images_dir"]))
     records.build_records(source, out / "records", records.RecordsConfig(min_count=1), overwrite=True,
                           show_progress=show_progress)
     step("train")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from tfcap import layouts, metrics, records
+from tfcap import datasets, metrics, records
 from tfcap.errors import TfcapError
 from tfcap.outputs import atomic_directory
 from tfcap.progress import Stopwatch, progress_bar
@@ -45,12 +45,12 @@ def references_from(source: Path, split: str | None) -> dict[str, list[str]]:
         splits = [split] if split else list(records.read_manifest(source)["splits"])
         return {ex["image_id"].decode(): [c.decode("utf-8") for c in ex["captions"]]
                 for s in splits for ex in records.iterate_examples(source, s)}
-    data = layouts.read_source(source if source.is_dir() else None,
+    data = datasets.read_source(source if source.is_dir() else None,
                                captions_file=source if source.is_file() else None,
                                images_dir=source.parent if source.is_file() else None)
     if split is None:
         return dict(data.captions)
-    split_of, _ = layouts.assign_splits(list(data.captions), data, layouts.SplitConfig())
+    split_of, _ = datasets.assign_splits(list(data.captions), data, datasets.SplitConfig())
     return {i: c for i, c in data.captions.items() if split_of.get(i) == split}
 
 

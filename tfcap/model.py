@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 import tfcap
-from tfcap import beam, decoder as decoders, encoder as encoders, images, text
+from tfcap import decoder as decoders, decoding, encoder as encoders, images, text
 from tfcap.errors import TfcapError
 from tfcap.outputs import sha256_file
 
@@ -90,8 +90,8 @@ class Captioner(tf.Module):
         state, context = self.decoder.initial_state(features)
         max_tokens = max_tokens or self.config.max_caption_tokens
         if beam_size == 1:
-            return beam.greedy_search(self.decoder.step, state, context, max_length=max_tokens)
-        return beam.beam_search(self.decoder.step, state, context, beam_size=beam_size, max_length=max_tokens,
+            return decoding.greedy_search(self.decoder.step, state, context, max_length=max_tokens)
+        return decoding.beam_search(self.decoder.step, state, context, beam_size=beam_size, max_length=max_tokens,
                                 length_penalty=length_penalty)
 
     def caption_features(self, features, **kwargs) -> tuple[tf.Tensor, tf.Tensor]:

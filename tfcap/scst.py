@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tfcap import beam, metrics, records, text
+from tfcap import decoding, metrics, records, text
 
 BASELINES = ("mean", "greedy")
 
@@ -43,7 +43,7 @@ def caption_words(tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 def policy_loss(logits: tf.Tensor, sampled: tf.Tensor, lengths: tf.Tensor, advantages: tf.Tensor) -> tf.Tensor:
     """REINFORCE loss of samples: -sum(advantage * log p(token)) over the sampled tokens, per token.
 
-    p is the distribution the samples were drawn from (`beam.sampled_log_probs`: the forbidden tokens
+    p is the distribution the samples were drawn from (`decoding.sampled_log_probs`: the forbidden tokens
     masked out). With the plain softmax, negative advantages would move probability onto `<unk>`,
     `<pad>` and `<start>`, which are never sampled and so never pushed back: a drift that grew until
     training collapsed (Flickr8k: val CIDEr-D 0.46 -> 0.39 and val loss 5 -> 33 in one epoch, after
@@ -55,7 +55,7 @@ def policy_loss(logits: tf.Tensor, sampled: tf.Tensor, lengths: tf.Tensor, advan
     Returns:
       tf.float32 [].
     """
-    log_probs = beam.sampled_log_probs(logits, sampled, lengths)
+    log_probs = decoding.sampled_log_probs(logits, sampled, lengths)
     tokens = tf.cast(tf.reduce_sum(lengths), tf.float32)  # lengths never exceed T
     return -tf.reduce_sum(advantages[:, None] * log_probs) / tf.maximum(tokens, 1.0)
 
@@ -86,10 +86,10 @@ class SelfCritical:
         decoder = self.trainer.decoder
         state, context = decoder.initial_state(feats)
         tile = lambda x: tf.repeat(x, self.samples, axis=0)  # rows b*K .. b*K + K-1 belong to image b
-        sampled, lengths = beam.sample_search(decoder.step, tf.nest.map_structure(tile, state),
+        sampled, lengths = decoding.sample_search(decoder.step, tf.nest.map_structure(tile, state),
                                               tf.nest.map_structure(tile, context), max_length=self.max_tokens,
                                               seed=seed)
-        greedy, _, greedy_lengths = beam.greedy_search(decoder.step, state, context, max_length=self.max_tokens)
+        greedy, _, greedy_lengths = decoding.greedy_search(decoder.step, state, context, max_length=self.max_tokens)
         return sampled, lengths, greedy, greedy_lengths
 
     def _gradient(self, feats, sampled, lengths, advantages, rewards, greedy_rewards):

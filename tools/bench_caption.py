@@ -26,7 +26,7 @@ to 4x faster than it is on real captions. The benchmark warns when (c)'s caption
 beam: beam search alone (beam 3) on a random-init merge decoder step (vocabulary --vocab, --batch
 images, exactly --steps steps: `<end>` is never chosen), against the same decoder steps run without
 search (argmax tokens, no reordering) and greedy decoding; with --baseline REV, also the beam search
-of tfcap/beam.py at git revision REV, interleaved in the same process, and the speed-up over it.
+of tfcap/decoding.py (tfcap/beam.py before it was renamed) at git revision REV, interleaved in the same process, and the speed-up over it.
 
 fold: the encoder alone on one random batch (--batch, default 32) in memory, with BatchNorm as Keras
 builds it against BatchNorm folded into the convolutions (what caption-dir runs), interleaved;
@@ -251,7 +251,7 @@ def beam_speed(args) -> None:
 
     import tensorflow as tf
 
-    from tfcap import beam, decoder as decoders
+    from tfcap import decoder as decoders, decoding
 
     vocab, batch, steps, k = args.vocab, args.batch, args.steps, 3
     if args.threads:
@@ -261,15 +261,20 @@ def beam_speed(args) -> None:
     dec = decoders.build_decoder(vocab, decoders.DecoderConfig(kind="merge"))
     dec({"pooled": tf.zeros([1, 64])}, tf.zeros([1, 2], tf.int32))
     pooled = tf.random.normal([batch, 64])
-    end_id = beam.END_ID
+    end_id = decoding.END_ID
 
     def step(tokens, state, context):  # the real merge step, with <end> made impossible: all steps run
         log_probs, state = dec.step(tokens, state, context)
         return tf.where(tf.range(vocab) == end_id, -1e9, log_probs), state
 
     def load_beam(rev):
-        source = subprocess.run(["git", "show", f"{rev}:tfcap/beam.py"], capture_output=True, text=True,
-                                check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+        for name in ("tfcap/decoding.py", "tfcap/beam.py"):  # beam search's module before its rename
+            shown = subprocess.run(["git", "show", f"{rev}:{name}"], capture_output=True, text=True,
+                                   cwd=Path(__file__).resolve().parent.parent)
+            if shown.returncode == 0:
+                break
+        shown.check_returncode()
+        source = shown.stdout
         path = Path(tempfile.mkdtemp(prefix="tfcap-bench-beam-")) / "beam_baseline.py"
         path.write_text(source)
         spec = importlib.util.spec_from_file_location("beam_baseline", path)
@@ -287,15 +292,15 @@ def beam_speed(args) -> None:
     @tf.function(input_signature=[tf.TensorSpec([None, 64])])
     def steps_only(features):  # the decoder's own cost for B*K rows: no search around it
         state, context = dec.initial_state({"pooled": tf.repeat(features, k, axis=0)})
-        tokens = tf.fill([tf.shape(features)[0] * k], beam.START_ID)
+        tokens = tf.fill([tf.shape(features)[0] * k], decoding.START_ID)
         for _ in tf.range(steps):
             log_probs, state = step(tokens, state, context)
             tokens = tf.argmax(log_probs, axis=1, output_type=tf.int32)
         return tokens
 
     contenders = {"decoder steps only (B*3 rows)": steps_only,
-                  "greedy": searcher(beam.greedy_search),
-                  "beam 3": searcher(beam.beam_search, beam_size=k)}
+                  "greedy": searcher(decoding.greedy_search),
+                  "beam 3": searcher(decoding.beam_search, beam_size=k)}
     if args.baseline:
         contenders[f"beam 3 at {args.baseline}"] = searcher(load_beam(args.baseline).beam_search, beam_size=k)
     for name, fn in contenders.items():  # trace and warm up
@@ -341,7 +346,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="beam, fold: images per batch")
     parser.add_argument("--encoder", default="xception", help="fold: encoder architecture")
     parser.add_argument("--steps", type=int, default=20, help="beam: decoding steps")
-    parser.add_argument("--baseline", metavar="REV", help="beam: also time tfcap/beam.py at this git revision")
+    parser.add_argument("--baseline", metavar="REV", help="beam: also time the beam search at this git revision")
     parser.add_argument("--precision", default=None, choices=["float32", "mixed_float16", "mixed_bfloat16"],
                         help="speed: the encoder's precision in (a) and (b) (default: the run's; the notebook "
                         "keeps the run's); fold: the encoders' (default float32)")

@@ -39,7 +39,7 @@ def main() -> None:
     import numpy as np
     from PIL import Image
 
-    from tfcap import encoder, features, layouts, records
+    from tfcap import datasets, encoder, features, records
     from tfcap.caption import find_images
 
     paths = find_images(args.images)[: args.count]
@@ -52,7 +52,7 @@ def main() -> None:
         writer = csv.writer(f)
         writer.writerow(["image", "caption", "split"])
         writer.writerows([p, "a picture", "train"] for p in paths)
-    source = layouts.read_source(None, captions_file=work / "captions.csv", images_dir=args.images)
+    source = datasets.read_source(None, captions_file=work / "captions.csv", images_dir=args.images)
     records.build_records(source, work / "records", records.RecordsConfig(min_count=1), show_progress=False)
 
     def tfcap_run(run: int) -> float:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tfcap.beam import beam_search, greedy_search
+from tfcap.decoding import beam_search, greedy_search
 from tfcap.errors import TfcapError
 from tfcap.text import END_ID, PAD_ID, START_ID, UNK_ID
 
@@ -274,7 +274,7 @@ def test_bad_settings_are_user_errors(options):
 @pytest.mark.parametrize("vocab, chunk", [(3000, 32), (2538, 32), (97, 4), (64, 4)])
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_two_stage_top_k_equals_top_k_ties_included(vocab, chunk, k):
-    from tfcap.beam import _top_k
+    from tfcap.decoding import _top_k
 
     rng = np.random.default_rng(vocab + k)
     x = rng.integers(-6, 0, size=(40, vocab)).astype(np.float32)  # few distinct values: ties everywhere
