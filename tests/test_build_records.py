@@ -233,9 +233,10 @@ def test_killed_run_leaves_no_partial_output_and_a_rerun_works(kaggle_dataset, t
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9
     assert not out.exists()
-    assert (tmp_path / ".rec.partial").exists()  # the killed run's scratch, never under OUT
-    run(kaggle_dataset, "-o", out, "--min-count", "1")
-    assert not (tmp_path / ".rec.partial").exists() and manifest(out)["images_written"] == 20
+    scratch = [p for p in tmp_path.iterdir() if p.name.startswith(".tfcap-") and p.name.endswith(".rec")]
+    assert len(scratch) == 1  # the killed run's scratch, private to it, never under OUT
+    run(kaggle_dataset, "-o", out, "--min-count", "1")  # it holds the lock, so it removes the leftover
+    assert not scratch[0].exists() and manifest(out)["images_written"] == 20
 
 
 def test_ctrl_c_removes_scratch_and_keeps_previous_output(kaggle_dataset, tmp_path, monkeypatch):
@@ -250,7 +251,7 @@ def test_ctrl_c_removes_scratch_and_keeps_previous_output(kaggle_dataset, tmp_pa
     result = run(kaggle_dataset, "-o", out, "--overwrite", ok=False)
     assert result.exit_code != 0
     assert (out / "manifest.json").read_text() == before
-    assert not (tmp_path / ".rec.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kaggle", "rec"]  # no scratch left
 
 
 def test_a_train_image_failing_only_the_full_decode_does_not_count_in_the_vocabulary(tmp_path):

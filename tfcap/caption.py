@@ -8,8 +8,11 @@ pipeline and gets an error row in its place; the batch goes on.
 
 Output rows (CSV or JSON Lines): path (relative to the images folder), caption, score (mean
 log-probability per token), error (empty when fine), one per candidate file in walk order. Each
-batch's rows are appended with a single write and flushed, so a killed run leaves only whole
-rows, and `resume` appends exactly the missing ones.
+batch's rows are appended with one checked write (`outputs.append_whole`: all of them, or on a full
+disk none), so a killed run leaves only whole rows, and `resume` appends exactly the missing ones
+(a row cut by a kill is dropped first: `complete_length`). The decoding an output was begun with
+(model, beam size, length penalty, precision, --max-pixels) is recorded beside it, in the hidden
+`.NAME.settings.json`, and `resume` refuses another one, so one file never mixes two decodings.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import tensorflow as tf
 
 from tfcap import images, records
 from tfcap.errors import Interrupted, TfcapError
-from tfcap.outputs import OutputLock, refuse_existing
+from tfcap.outputs import Output, append_whole, claimed, write_text_atomic
 from tfcap.progress import Stopwatch, progress_bar, summary
 
 COLUMNS = ("path", "caption", "score", "error")
@@ -215,65 +218,164 @@ def format_rows(rows: list[dict], fmt: str) -> str:
 
 
 def read_rows(path: Path, fmt: str | None = None) -> list[dict]:
-    """Rows of an existing output (CSV or JSON Lines: `fmt`, else by suffix); a cut-off last line is ignored."""
+    """Rows of an existing output (CSV or JSON Lines: `fmt`, else by suffix); a cut-off last row is ignored."""
     return parse_rows(Path(path).read_text(encoding="utf-8"), fmt or output_format(path))
 
 
 def parse_rows(text: str, fmt: str) -> list[dict]:
-    """Rows of caption-dir output text (CSV with its header, or JSON Lines); a cut-off last line is ignored."""
-    if not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
+    """Rows of caption-dir output text (CSV with its header, or JSON Lines); a cut-off last row is ignored."""
+    text = text[:complete_length(text, fmt)]
     if fmt == "jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     return list(csv.DictReader(io.StringIO(text)))
 
 
-def _open_output(out: Path, fmt: str, overwrite: bool, resume: bool) -> tuple[int, set[str]]:
-    """Prepare `out` for appending; return (its file descriptor, paths already captioned)."""
+def complete_length(data: str | bytes, fmt: str) -> int:
+    """The length of `data` (caption-dir output, text or bytes) up to the end of its last whole row.
+
+    Rows end with a newline, written with the row. In JSON Lines a newline is always a row's end
+    (JSON escapes those in strings). In CSV it may be inside a quoted field (a file name holding a
+    newline): a newline ends a row only when the quotes before it are even in number (a quote in a
+    field is written doubled, which keeps the count even), so a row cut inside quotes is found and
+    dropped whole instead of being parsed into rows nobody wrote.
+    """
+    newline, quote = ("\n", '"') if isinstance(data, str) else (b"\n", b'"')
+    end = data.rfind(newline) + 1
+    if fmt != "csv":
+        return end
+    quotes_before = data.count(quote, 0, end)
+    while end and quotes_before % 2:
+        start = data.rfind(newline, 0, end - 1) + 1
+        quotes_before -= data.count(quote, start, end)
+        end = start
+    return end
+
+
+SETTINGS = ("model", "beam_size", "length_penalty", "precision", "max_pixels")  # what makes a row's caption
+
+
+def settings_path(out: Path) -> Path:
+    """Where the decoding settings an output was begun with are kept: the hidden .NAME.settings.json beside it."""
+    out = Path(out)
+    return out.with_name(f".{out.name}.settings.json")
+
+
+def model_location(model) -> str:
+    """--model as recorded: a URL as it is, a local path resolved."""
+    return model if isinstance(model, str) and "://" in model else str(Path(model).resolve())
+
+
+def decoding_settings(model, predictor, config: CaptionConfig) -> dict:
+    """The `SETTINGS` of a run: the model's location and the predictor's effective decoding."""
+    return {"model": model_location(model), "beam_size": predictor.settings["beam_size"],
+            "length_penalty": predictor.settings["length_penalty"],
+            "precision": predictor.settings["encoder_precision"], "max_pixels": config.max_pixels}
+
+
+def begun_settings(out: Path) -> dict | None:
+    """The settings recorded beside `out` when it was begun; None without a record (a new output, or
+    one begun by a tfcap before the record) or with a damaged one (it is written again)."""
+    try:
+        recorded = json.loads(settings_path(out).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def resumed_settings(out: Path, given: dict) -> dict:
+    """The settings to continue `out` with: `given` ({SETTINGS name: value, None where not given})
+    with the recorded ones where not given. Raises TfcapError naming the option of a given setting
+    that differs from the recorded one: a file must not mix two decodings."""
+    recorded = begun_settings(out) or {}
+    for name, value in given.items():
+        if value is not None and name in recorded and value != recorded[name]:
+            raise TfcapError(f"--{name.replace('_', '-')} {value} differs from the {recorded[name]} that {out} was "
+                             "begun with: --resume keeps an output's decoding; write another output (or --overwrite) "
+                             "to change it")
+    return {name: recorded.get(name) if value is None else value for name, value in given.items()}
+
+
+def _open_output(out: Path, fmt: str, overwrite: bool, resume: bool, settings: dict | None) -> tuple[int, set[str]]:
+    """Prepare `out` (claimed by the caller) for appending; return (its file descriptor, paths already captioned)."""
     done: set[str] = set()
     text = out.read_bytes() if resume and out.is_file() else b""
+    header = (",".join(COLUMNS) + "\n").encode() if fmt == "csv" else b""
     if text:
         # Check before changing anything: a file that is not ours is left exactly as it is.
-        if fmt == "csv" and not text.startswith((",".join(COLUMNS) + "\n").encode()):
+        if fmt == "csv" and not text.startswith(header):
             raise TfcapError(f"{out} is not a caption-dir CSV (header is not {','.join(COLUMNS)}); cannot --resume")
         if fmt == "jsonl" and not text.lstrip().startswith(b"{"):
             raise TfcapError(f"{out} is not a caption-dir JSON Lines file; cannot --resume")
-        keep = text.rfind(b"\n") + 1  # a row cut by a kill has no newline yet: drop it
+        keep = complete_length(text, fmt)  # a row cut by a kill: dropped
         try:
-            done = {r["path"] for r in read_rows(out, fmt)}
+            done = {r["path"] for r in parse_rows(text[:keep].decode("utf-8"), fmt)}
         except (ValueError, KeyError, TypeError, csv.Error) as e:
             raise TfcapError(f"{out} is damaged ({type(e).__name__}: {e}); cannot --resume") from None
+        if settings is not None:
+            resumed_settings(out, settings)  # raises for a setting that differs from the recorded one
+            if begun_settings(out) is None:  # begun by a tfcap before the record: checked from now on
+                _record_settings(out, settings)
         if keep < len(text):
             os.truncate(out, keep)
-    else:  # new, or an empty file left by a run killed before its header (resume: nothing to keep)
-        refuse_existing(out, overwrite or (resume and out.is_file()), "--overwrite (or --resume to complete it)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(",".join(COLUMNS) + "\n" if fmt == "csv" else "", encoding="utf-8")
-    return os.open(out, os.O_WRONLY | os.O_APPEND), done
+    else:  # new, replaced, or an empty file left by a run killed before its header: begun now
+        _record_settings(out, settings)
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    if not text:
+        os.ftruncate(fd, 0)
+        append_whole(fd, header, out)
+    return fd, done
 
 
-def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionConfig = CaptionConfig(), *,
+def _record_settings(out: Path, settings: dict | None) -> None:
+    """Record `settings` beside `out`; None (a caller that gives none) removes an old record instead."""
+    if settings is not None:
+        write_text_atomic(settings_path(out), json.dumps(settings) + "\n")
+    else:
+        settings_path(out).unlink(missing_ok=True)
+
+
+def nothing_found(images_dir: Path, out) -> dict:
+    """The summary and result of a folder without a single image file: the output is not touched."""
+    summary(f"caption-dir: 0 images to caption: no image file ({' '.join(images.EXTENSIONS)}) in {images_dir}; "
+            f"{out} left as it was")
+    return {"images": 0, "ok": 0, "failed": 0, "skipped_done": 0, "seconds": 0.0}
+
+
+RESUME_HINT = "--overwrite (or --resume to complete it)"
+
+
+def caption_directory(captioner, images_dir: Path, out: Path | Output, config: CaptionConfig = CaptionConfig(), *,
                       fmt: str | None = None, overwrite: bool = False, resume: bool = False,
-                      show_progress: bool = True) -> dict:
+                      show_progress: bool = True, settings: dict | None = None) -> dict:
     """Caption every image under `images_dir` into `out`; return counts and timing.
 
     `captioner` is anything with `preprocess_bytes(tf.string []) -> [S, S, 3]`,
     `encode(pixels [B, S, S, 3]) -> features` (usable inside tf.data) and
     `decode(features) -> (captions tf.string [B], scores tf.float32 [B])`:
     a `tfcap.export.Predictor` over a run directory or an exported SavedModel. `fmt` (csv, jsonl)
-    defaults to the suffix of `out` (see `output_format`).
+    defaults to the suffix of `out` (see `output_format`). `out` may be an `outputs.Output` the
+    caller claimed (with append=resume). `settings` (`decoding_settings`), when given, is recorded
+    beside a new output, and `resume` refuses to continue an output begun with other ones.
+    A folder without an image file leaves `out` as it was (`nothing_found`).
     """
     if overwrite and resume:
         raise TfcapError("--overwrite and --resume contradict each other")
-    images_dir, out = Path(images_dir), Path(out)
-    fmt = output_format(out, fmt)
-    all_paths = find_images(images_dir, config.recursive)
-    lock = OutputLock(out)  # one writer per output: two would both append the missing rows
-    try:
-        fd, done = _open_output(out, fmt, overwrite, resume)
-    except BaseException:
-        lock.release()
-        raise
+    images_dir = Path(images_dir)
+    fmt = output_format(Path(out), fmt)
+    # One writer per output (two would both append the missing rows), held to the end.
+    with claimed(out, overwrite=overwrite, append=resume, hint=RESUME_HINT) as output:
+        all_paths = find_images(images_dir, config.recursive)
+        if not all_paths:
+            return nothing_found(images_dir, output)
+        fd, done = _open_output(output.path, fmt, overwrite, resume, settings)
+        try:
+            return _caption_into(fd, output.path, captioner, images_dir, all_paths, done, config, fmt, show_progress)
+        finally:
+            os.close(fd)
+
+
+def _caption_into(fd: int, out: Path, captioner, images_dir: Path, all_paths: list[str], done: set[str],
+                  config: CaptionConfig, fmt: str, show_progress: bool) -> dict:
     todo = [p for p in all_paths if p not in done]
     clock, counts = Stopwatch(), {"ok": 0, "failed": 0}
 
@@ -283,7 +385,7 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
     try:
         with progress_bar(len(todo), "captioning", show_progress and bool(todo)) as advance:
             def flush(rows: list[dict]) -> None:
-                os.write(fd, format_rows(rows, fmt).encode("utf-8"))  # one write: whole rows only
+                append_whole(fd, format_rows(rows, fmt).encode("utf-8"), out)  # all rows or none
                 failed = sum(1 for r in rows if r["error"])
                 counts["failed"] += failed
                 counts["ok"] += len(rows) - failed
@@ -304,9 +406,9 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted: {counts['ok'] + counts['failed']} of {len(todo)} images written to "
                           f"{out}; continue with --resume") from None
-    finally:
-        os.close(fd)
-        lock.release()
+    except OSError as e:  # a full disk: the rows written so far are whole
+        raise TfcapError(f"cannot write {out}: {e.strerror or e} after {counts['ok'] + counts['failed']} of "
+                         f"{len(todo)} images; make room and continue with --resume") from None
     seconds, ok, failed = clock.seconds, counts["ok"], counts["failed"]
     if not todo:
         summary(f"caption-dir: 0 images to caption ({len(done)} already done) -> {out}")

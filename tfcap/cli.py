@@ -7,6 +7,7 @@ function. TensorFlow is imported inside the commands, so `tfcap --help` is insta
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -73,8 +74,23 @@ class _Group(click.Group):
             tf_errors = getattr(sys.modules.get("tensorflow"), "errors", None)
             if tf_errors is not None and isinstance(e, (tf_errors.PermissionDeniedError,
                                                         tf_errors.ResourceExhaustedError)):
-                raise _UserError(str(e).strip().splitlines()[0]) from None
+                raise _UserError(_tf_error_message(e)) from None
             raise
+
+
+def _tf_error_message(e: Exception) -> str:
+    """The first line of a TensorFlow error without the graph node before it and the op after it
+    ("{{function_node __wrapped__SaveV2...}} run/ckpt...: No space left on device [Op:SaveV2]")."""
+    line = str(e).strip().splitlines()[0]
+    return re.sub(r"\s*\[Op:\w+\]$", "", re.sub(r"^\{\{.*?\}\}\s*", "", line))
+
+
+def _claim(out: Path, **claim):
+    """`outputs.Output(out, **claim)`, held until the command ends, however it ends: claimed before
+    the long work, so a second writer or an existing output is refused first."""
+    from tfcap import outputs
+
+    return click.get_current_context().with_resource(outputs.Output(out, **claim))
 
 
 PathArg = click.Path(path_type=Path)
@@ -135,10 +151,10 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
     (annotations/captions_*.json), a Karpathy dataset_*.json (or its folder), or omitted with
     --captions FILE.csv --images DIR.
     """
-    from tfcap import datasets, outputs, records, text
+    from tfcap import datasets, records, text
 
-    outputs.check_output(out, overwrite, {"dataset": data, "captions file": captions_file,
-                                          "images folder": images_dir})
+    output = _claim(out, overwrite=overwrite, inputs={"dataset": data, "captions file": captions_file,
+                                                      "images folder": images_dir})
     source = datasets.read_source(data, captions_file=captions_file, images_dir=images_dir, layout=layout,
                                   skip_bad_lines=skip_bad_lines, restval=not no_restval)
     config = records.RecordsConfig(
@@ -146,7 +162,7 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
         split=datasets.SplitConfig(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed),
         min_count=min_count, shards=shards, shard_mb=shard_mb,
         compression=None if compression == "none" else compression)
-    records.build_records(source, out, config, overwrite=overwrite, show_progress=not quiet)
+    records.build_records(source, output, config, show_progress=not quiet)
 
 
 @main.command("train")
@@ -194,6 +210,8 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
               show_default=True, help="tf.distribute: mirrored over this machine's GPUs (or --devices), multi-worker "
               "over the machines in TF_CONFIG; auto: mirrored with more than one GPU, else one-device.")
 @click.option("--devices", default="", help="mirrored or one-device: the devices, e.g. GPU:0,GPU:1 (default: all GPUs).")
+@click.option("--cluster-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="multi-worker: seconds to wait for the other machines of TF_CONFIG to start before giving up.")
 @click.option("--cache-dir", type=PathArg, help="Feature cache (default: RECORDS.cache beside the records).")
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR from its last checkpoint, with its saved config "
               "(--epochs N extends it, --strategy and --devices may change; other options must match the run's).")
@@ -202,13 +220,13 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_size, precision, decoder_kind, units,
                   embed_dim, dropout, epochs, batch_size, learning_rate, lr_schedule, clip_norm, captions_per_image,
                   eval_every, eval_images, patience, train_encoder, objective, init_run, samples, baseline, select,
-                  seed, strategy, devices, cache_dir, resume, overwrite, quiet):
+                  seed, strategy, devices, cluster_timeout, cache_dir, resume, overwrite, quiet):
     """Train a captioner on RECORDS (from build-records) into RUN_DIR."""
     from tfcap import decoder, encoder as encoders, features, outputs, train
 
     if resume and overwrite:
         raise TfcapError("--resume and --overwrite contradict each other")
-    outputs.refuse_inputs(run_dir, {"records folder": records_dir})
+    outputs.refuse_inputs(run_dir, {"records folder": records_dir, "--init run": init_run})
     if resume or overwrite or not run_dir.exists():  # else train refuses it, saying how to continue
         outputs.check_writable(run_dir, replace=not resume)
     cache = cache_dir or features.default_cache_dir(records_dir)
@@ -228,7 +246,8 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
                                                       click.core.ParameterSource.DEFAULT_MAP):
                 value = ctx.params[name]
                 given[fields.get(name, f"train.{name}")] = str(value.resolve()) if name == "init_run" else value
-        train.train(records_dir, run_dir, cache_dir=cache_dir, resume=True, show_progress=not quiet, given=given)
+        train.train(records_dir, run_dir, cache_dir=cache_dir, resume=True, show_progress=not quiet, given=given,
+                    cluster_timeout=cluster_timeout)
         return
     if alpha is None:
         alpha = (encoder == "mobilenet" and encoders.mobilenet_alpha_of(encoder_weights)) or 1.0
@@ -246,7 +265,7 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
                                        init=str(init_run) if init_run else "", samples=samples, baseline=baseline,
                                        select=select or ("cider" if objective == "scst" else "bleu4"),
                                        strategy=strategy, devices=devices),
-        cache_dir=cache_dir, overwrite=overwrite, show_progress=not quiet)
+        cache_dir=cache_dir, overwrite=overwrite, show_progress=not quiet, cluster_timeout=cluster_timeout)
 
 
 def _precision_option(f):
@@ -295,11 +314,17 @@ def _default_model(ctx, param, value):
               "IMAGES and OUT may be gs://, s3://.")
 @click.option("--runner", help="With --engine beam: the Beam runner (default DirectRunner; DataflowRunner, "
               "FlinkRunner, SparkRunner need a SavedModel their workers can read, see tfcap export).")
+@click.option("--verbose", is_flag=True, help="With --engine beam: show the runner's and its workers' logs.")
 @click.argument("pipeline_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- BEAM_OPTION...]")
 def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, precision, fmt, batch_size, max_pixels,
-                        no_recursive, gallery_path, strict, resume, overwrite, quiet, engine, runner, pipeline_args):
+                        no_recursive, gallery_path, strict, resume, overwrite, quiet, engine, runner, verbose,
+                        pipeline_args):
     """Caption every image under IMAGES (jpg, png, gif, bmp, webp) into a CSV (--engine beam: a folder of parts)."""
-    from tfcap import caption, export, images, outputs
+    import dataclasses
+
+    from click.core import ParameterSource
+
+    from tfcap import caption, export, images
 
     config = caption.CaptionConfig(beam_size=beam_size or 3, length_penalty=length_penalty or 0.0,
                                    batch_size=batch_size, max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS,
@@ -314,33 +339,43 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
 
         engine_module = beam_engine()
         result = engine_module.caption_directory(
-            images_dir, out, model_path, config, engine_module.BeamConfig(runner, tuple(pipeline_args)), fmt=fmt,
+            images_dir, out, model_path, config, engine_module.BeamConfig(runner, tuple(pipeline_args), verbose), fmt=fmt,
             overwrite=overwrite, beam_size=beam_size, length_penalty=length_penalty, precision=precision)
         if strict and result["failed"]:
             sys.exit(1)
         return
-    if runner or pipeline_args:
-        raise TfcapError(f"{'--runner' if runner else pipeline_args[0]}: Beam options need --engine beam")
+    if runner or pipeline_args or verbose:
+        raise TfcapError(f"{'--runner' if runner else '--verbose' if verbose else pipeline_args[0]}: "
+                         "Beam options need --engine beam")
     for location in (images_dir, out, model_path):
         if export.is_url(location):
             raise TfcapError(f"{location}: the local engine reads and writes local paths; use --engine beam")
     if overwrite and resume:
         raise TfcapError("--overwrite and --resume contradict each other")
     fmt = caption.output_format(out, fmt)
-    # Wrong folders and unwritable outputs fail before the model loads.
+    # Wrong folders, unwritable outputs and a second writer fail before the model loads.
     inputs = {"images folder": images_dir, "model": model_path}
-    outputs.check_output(out, overwrite or (resume and out.is_file()), inputs,
-                         hint="--overwrite (or --resume to complete it)", replace=not resume)
-    if gallery_path:
-        outputs.check_output(gallery_path, overwrite or resume, {**inputs, "output": out})
-    caption.find_images(images_dir, config.recursive)
+    output = _claim(out, overwrite=overwrite, append=resume, inputs=inputs, hint=caption.RESUME_HINT)
+    gallery = gallery_path and _claim(gallery_path, overwrite=overwrite or resume, inputs={**inputs, "output": out})
+    if not caption.find_images(images_dir, config.recursive):
+        caption.nothing_found(images_dir, out)
+        return
+    if resume:  # the decoding the output was begun with; given again, it must be the same
+        model_given = click.get_current_context().get_parameter_source("model_path") == ParameterSource.COMMANDLINE
+        settings = caption.resumed_settings(out, {
+            "model": caption.model_location(model_path) if model_given else None, "beam_size": beam_size,
+            "length_penalty": length_penalty, "precision": precision, "max_pixels": max_pixels})
+        model_path = settings["model"] or model_path
+        beam_size, length_penalty, precision = settings["beam_size"], settings["length_penalty"], settings["precision"]
+        config = dataclasses.replace(config, max_pixels=settings["max_pixels"] or config.max_pixels)
     predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
                                       precision=precision)
-    result = caption.caption_directory(predictor, images_dir, out, config, fmt=fmt, overwrite=overwrite,
-                                       resume=resume, show_progress=not quiet)
-    if gallery_path:
+    result = caption.caption_directory(predictor, images_dir, output, config, fmt=fmt, overwrite=overwrite,
+                                       resume=resume, show_progress=not quiet,
+                                       settings=caption.decoding_settings(model_path, predictor, config))
+    if gallery:
         from tfcap.gallery import write_gallery
-        write_gallery(out, images_dir, gallery_path, overwrite=True, progress=not quiet)
+        write_gallery(out, images_dir, gallery, progress=not quiet)
         click.echo(f"gallery: {gallery_path}", err=True)
     if strict and result["failed"]:
         sys.exit(1)
@@ -377,14 +412,13 @@ def caption_command(image_paths, model_path, beam_size, length_penalty, precisio
 @click.option("--overwrite", is_flag=True)
 def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite):
     """Export RUN_DIR (default: the bundled model) as a SavedModel: image bytes in, captions and scores out."""
-    from tfcap import export, outputs
+    from tfcap import export
     from tfcap.progress import Stopwatch, summary
 
-    if not export.is_url(out):
-        outputs.check_output(out, overwrite, {"run directory": run_dir})
+    output = out if export.is_url(out) else _claim(out, overwrite=overwrite, inputs={"run directory": run_dir})
     beam_size, length_penalty = export.run_decoding(run_dir, beam_size, length_penalty)
     clock = Stopwatch()
-    export.export(run_dir, out, beam_size=beam_size, length_penalty=length_penalty, precision=precision,
+    export.export(run_dir, output, beam_size=beam_size, length_penalty=length_penalty, precision=precision,
                   overwrite=overwrite)
     summary(f"export: {run_dir} -> {out} (beam size {beam_size}, length penalty {length_penalty:g}) "
             f"in {clock.seconds:.1f} s")
@@ -400,13 +434,11 @@ def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, quiet):
     """One self-contained HTML page of thumbnails with their captions, from a caption-dir output."""
-    from tfcap import outputs
     from tfcap.gallery import write_gallery
     from tfcap.progress import summary
 
-    outputs.check_output(out, overwrite, {"predictions file": predictions, "images folder": images_dir})
-    s = write_gallery(predictions, images_dir, out, thumb_size=thumb_size, title=title, overwrite=overwrite,
-                      progress=not quiet)
+    output = _claim(out, overwrite=overwrite, inputs={"predictions file": predictions, "images folder": images_dir})
+    s = write_gallery(predictions, images_dir, output, thumb_size=thumb_size, title=title, progress=not quiet)
     mean = "n/a" if s["mean_score"] is None else f"{s['mean_score']:.3f}"
     summary(f"gallery: {s['ok']} ok, {s['failed']} failed ({s['unreadable']} unreadable now), "
             f"mean score {mean} -> {out}")
@@ -440,7 +472,7 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
     tfcap evaluate --predictions out.csv --references RECORDS_OR_DATA [--split test]
     tfcap evaluate --human-baseline --references RECORDS_OR_DATA --split test
     """
-    from tfcap import evaluate, outputs, pretrained
+    from tfcap import evaluate, pretrained
 
     modes = sum(bool(x) for x in (model_path, predictions, human_baseline))
     if modes == 0 and records_dir is not None:  # RECORDS alone: caption its split with the bundled model
@@ -452,8 +484,8 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
     if not predictions:
         split = split or "test"
     out = out or evaluate.default_output(model_path=model_path, predictions=predictions, split=split)
-    outputs.check_output(out, overwrite, {"model": model_path, "records folder": records_dir,  # before any work
-                                          "predictions file": predictions, "references": references})
+    output = _claim(out, overwrite=overwrite, inputs={"model": model_path, "records folder": records_dir,
+                                                      "predictions file": predictions, "references": references})
     if model_path:
         result = evaluate.run_model(model_path, records_dir, split, beam_size=beam_size, length_penalty=length_penalty,
                                     precision=precision, batch_size=batch_size, meteor=not no_meteor, show_progress=not quiet)
@@ -470,7 +502,7 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
                                        settings={"predictions": str(Path(predictions).resolve()),
                                                  "references": str(Path(refs_path).resolve())})
     click.echo(evaluate.table(result))
-    evaluate.write_results(out, result, overwrite=overwrite)
+    evaluate.write_results(output, result)
     click.echo(f"scores: {out / 'scores.json'}; COCO results: {out / 'captions_coco.json'}", err=True)
 
 

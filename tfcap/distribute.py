@@ -11,20 +11,31 @@ batches a one-device run would, and the all-reduced gradient is the one-device g
 
 MultiWorkerMirroredStrategy has to be created before TensorFlow runs its first op (it configures
 the runtime's collective ops), so `placement` comes first in a training process.
+
+Creating it waits in TensorFlow's C++ for every worker of the cluster, holding the GIL: no signal
+handler runs there, and it waits forever for a worker that never starts. So each worker first waits
+for the others in Python (`wait_for_peers`), where Ctrl-C and SIGTERM end it at once and a timeout
+(--cluster-timeout) gives up with one line; the strategy is created once all are up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
+import socket
+import threading
+import time
 
 import tensorflow as tf
 
-from tfcap.errors import TfcapError
+from tfcap.errors import Interrupted, TfcapError
 
 STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
 DISTRIBUTED = ("mirrored", "multi-worker")  # the strategies that split batches over replicas
+CLUSTER_TIMEOUT = 300.0  # seconds a multi-worker task waits for the others to start (--cluster-timeout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +55,17 @@ class Cluster:
     @property
     def workers(self) -> int:
         return sum(len(self.jobs.get(job, ())) for job in ("chief", "worker"))
+
+    @property
+    def address(self) -> str:
+        """This task's "host:port"."""
+        return self.jobs[self.task_type][self.task_index]
+
+    @property
+    def peers(self) -> list[str]:
+        """The "host:port" of every other task."""
+        return [a for job in ("chief", "worker") for k, a in enumerate(self.jobs.get(job, ()))
+                if (job, k) != (self.task_type, self.task_index)]
 
 
 def parse_tf_config(value: str | None) -> Cluster:
@@ -117,11 +139,81 @@ def _device_names(devices: str) -> list[str]:
     return names
 
 
-def placement(strategy: str = "auto", devices: str = "", environ=os.environ) -> Placement:
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _is_up(address: str, timeout: float) -> bool:
+    """Whether something accepts TCP connections at "host:port" (a peer's `wait_for_peers` or its server)."""
+    try:
+        socket.create_connection(_split_address(address), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_for_peers(cluster: Cluster, timeout: float = CLUSTER_TIMEOUT, poll: float = 0.25) -> None:
+    """Wait until every other task of `cluster` is up, in Python, where Ctrl-C and SIGTERM are honoured.
+
+    This task listens on its own address meanwhile (the port its TensorFlow server takes next), so
+    that the others see it up; a peer is up when its address accepts a connection, whether its own
+    wait or its server does (a peer past its wait has closed its listener and started its server).
+    Nothing is sent: a connection is opened and closed. Raises TfcapError naming the tasks that did
+    not come within `timeout` seconds, and Interrupted on Ctrl-C.
+    """
+    peers = cluster.peers
+    if not peers:
+        return
+    _, port = _split_address(cluster.address)
+    try:
+        if socket.has_dualstack_ipv6():
+            listener = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+        else:
+            listener = socket.create_server(("", port))
+    except OSError as e:
+        raise TfcapError(f"cannot listen on {cluster.address}, this task's address in TF_CONFIG: "
+                         f"{e.strerror or e}") from None
+    deadline, missing = time.monotonic() + timeout, list(peers)
+    try:
+        while True:
+            missing = [a for a in missing if not _is_up(a, poll)]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TfcapError(f"multi-worker: {len(missing)} of the {len(peers)} other tasks did not start within "
+                                 f"{timeout:g} s ({', '.join(missing)}); start tfcap train on each machine of TF_CONFIG, "
+                                 "or wait longer with --cluster-timeout")
+            time.sleep(poll)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while waiting for the other tasks of the cluster ({', '.join(missing)})") from None
+    finally:
+        listener.close()
+
+
+@contextlib.contextmanager
+def _signals_end_the_process():
+    """Ctrl-C ends the process at once for the block (its C++ wait runs no Python handler), and SIGTERM
+    does so after it too: creating MultiWorkerMirroredStrategy installs a C++ handler that takes
+    SIGTERM as a preemption notice tfcap does not use, so SIGTERM would do nothing for the whole run."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def placement(strategy: str = "auto", devices: str = "", environ=os.environ,
+              cluster_timeout: float = CLUSTER_TIMEOUT) -> Placement:
     """The strategy for `--strategy` and `--devices` (comma-separated, e.g. "GPU:0,GPU:1"; "": all GPUs).
 
-    Raises TfcapError for multi-worker without or with a malformed TF_CONFIG, a device that is not
-    visible, or mirrored over fewer than two devices.
+    Multi-worker waits for the other tasks of TF_CONFIG's cluster for `cluster_timeout` seconds at most
+    (`wait_for_peers`). Raises TfcapError for multi-worker without or with a malformed TF_CONFIG, tasks
+    that did not start in time, a device that is not visible, or mirrored over fewer than two devices.
     """
     if strategy not in STRATEGIES:
         raise TfcapError(f"--strategy must be one of {', '.join(STRATEGIES)}")
@@ -130,7 +222,9 @@ def placement(strategy: str = "auto", devices: str = "", environ=os.environ) -> 
             raise TfcapError("--devices goes with --strategy mirrored or one-device; multi-worker uses each "
                              "machine's GPUs (or its CPU)")
         cluster = parse_tf_config(environ.get("TF_CONFIG"))
-        return Placement(tf.distribute.MultiWorkerMirroredStrategy(), "multi-worker", cluster.is_chief)
+        wait_for_peers(cluster, cluster_timeout)
+        with _signals_end_the_process():  # all are up: this wait is short, unless one died since
+            return Placement(tf.distribute.MultiWorkerMirroredStrategy(), "multi-worker", cluster.is_chief)
     names = _device_names(devices) if devices else None
     if strategy == "auto":
         strategy = "mirrored" if len(names or tf.config.list_logical_devices("GPU")) > 1 else "one-device"

@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from tfcap.backbones import efficientnet_lite, torch_checkpoint
 from tfcap.errors import TfcapError
-from tfcap.outputs import sha256_file
+from tfcap.outputs import sha256_file, weights_bytes, write_bytes_atomic
 
 LITE = tuple(efficientnet_lite.VARIANTS)  # efficientnet_lite0, efficientnet_lite1, efficientnet_lite2
 ARCHITECTURES = ("xception", "mobilenet", "inception_v3", "vgg16", *LITE, "convnet")
@@ -228,15 +228,11 @@ def _convert_lite(name: str, cached: Path) -> Path:
     with _python_random(_RANDOM_INIT_SEED), dtype_policy("float32"):
         model = efficientnet_lite.build(name)
     efficientnet_lite.load_state_dict(model, state)
-    partial = cached.with_name(f".{os.getpid()}.{cached.name}")  # Keras wants the .weights.h5 suffix
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        model.save_weights(str(partial))
-        os.replace(partial, cached)  # atomic: a concurrent process sees no file or a whole one
+        write_bytes_atomic(cached, weights_bytes(model))  # a concurrent process sees no file or a whole one
     except OSError as e:
         raise TfcapError(f"cannot write converted {name} weights to {cached}: {e.strerror or e}") from None
-    finally:
-        partial.unlink(missing_ok=True)
     return cached
 
 

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from tfcap import datasets, metrics, records
 from tfcap.errors import TfcapError
-from tfcap.outputs import atomic_directory
+from tfcap.outputs import Output, claimed, write_text_atomic
 from tfcap.progress import Stopwatch, progress_bar
 
 
@@ -166,16 +166,17 @@ def table(result: Evaluation) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, result: Evaluation, overwrite: bool = False) -> Path:
-    """OUT/scores.json (every score and the settings) and OUT/captions_coco.json ([{image_id, caption}])."""
-    with atomic_directory(Path(out), overwrite) as scratch:
+def write_results(out: Path | Output, result: Evaluation, overwrite: bool = False) -> Path:
+    """OUT/scores.json (every score and the settings) and OUT/captions_coco.json ([{image_id, caption}]),
+    written into a scratch folder renamed into place; `out` may be an `outputs.Output` the caller claimed."""
+    with claimed(out, overwrite=overwrite) as output, output.directory() as scratch:
         payload = {"scores": result.scores, "split": result.split, "images_scored": result.images_scored,
                    "without_references": result.without_references, "without_prediction": result.without_prediction,
                    "failed": result.failed, "settings": result.settings}
-        (scratch / "scores.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(scratch / "scores.json", json.dumps(payload, indent=2) + "\n")
         coco = [{"image_id": i, "caption": c} for i, c in sorted(result.hypotheses.items())]
-        (scratch / "captions_coco.json").write_text(json.dumps(coco, indent=1) + "\n", encoding="utf-8")
-    return Path(out)
+        write_text_atomic(scratch / "captions_coco.json", json.dumps(coco, indent=1) + "\n")
+    return output.path
 
 
 def run_model(model_path: Path, records_dir: Path, split: str, *, beam_size: int | None, length_penalty: float | None,

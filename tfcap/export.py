@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from tfcap import model as models
 from tfcap.errors import TfcapError
-from tfcap.outputs import atomic_directory
+from tfcap.outputs import Output, claimed
 
 
 class ServingModule(tf.Module):
@@ -68,9 +68,16 @@ class ServingModule(tf.Module):
 
     def _serve(self, images):
         size = self.captioner.encoder.size
-        pixels = tf.map_fn(self.captioner.preprocess_bytes, images,
-                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32), parallel_iterations=8)
-        return self._caption_pixels(pixels)
+
+        def caption():
+            pixels = tf.map_fn(self.captioner.preprocess_bytes, images,
+                               fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32), parallel_iterations=8)
+            return self._caption_pixels(pixels)
+
+        def nothing():  # the encoder's convolutions refuse a batch of none
+            return {"captions": tf.zeros([0], tf.string), "scores": tf.zeros([0], tf.float32)}
+
+        return tf.cond(tf.size(images) > 0, caption, nothing)
 
 
 DECODING = "decoding.json"
@@ -82,9 +89,12 @@ def serving_module(run_dir: Path, beam_size: int, length_penalty: float, precisi
                          length_penalty)
 
 
-def export(run_dir: Path, out: Path | str, *, beam_size: int | None = None, length_penalty: float | None = None,
+def export(run_dir: Path, out: Path | str | Output, *, beam_size: int | None = None, length_penalty: float | None = None,
            precision: str | None = None, overwrite: bool = False) -> Path | str:
-    """Write RUN_DIR's captioner as a SavedModel at `out` (atomically on a local disk); return `out`.
+    """Write RUN_DIR's captioner as a SavedModel at `out` (atomically on a local disk); return its location.
+
+    A local `out` (or an `outputs.Output` the caller claimed) is locked for the export and written
+    into a scratch folder of this process, renamed into place when complete.
 
     `out` may be a URL TensorFlow's file systems write (gs://bucket/model), for workers elsewhere to
     load; there an existing SavedModel is refused unless `overwrite`, which deletes it first.
@@ -100,9 +110,10 @@ def export(run_dir: Path, out: Path | str, *, beam_size: int | None = None, leng
             tf.io.gfile.rmtree(out)
         tf.saved_model.save(module, out, signatures={"serving_default": module.serve})
         return out
-    with atomic_directory(Path(out), overwrite) as scratch:
+    with claimed(out, overwrite=overwrite, inputs={"run directory": run_dir}) as output, \
+            output.directory() as scratch:
         tf.saved_model.save(module, str(scratch), signatures={"serving_default": module.serve})
-    return Path(out)
+    return output.path
 
 
 class Predictor:

@@ -12,6 +12,7 @@ import csv
 import html
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import tensorflow as tf
 from tfcap import records
 from tfcap.errors import TfcapError
 from tfcap.images import DEFAULT_MAX_PIXELS, decode_rgb, diagnose, header_shape
-from tfcap.outputs import refuse_existing, write_text_atomic
+from tfcap.outputs import Output, claimed, refuse_existing
 from tfcap.progress import progress_bar
 
 REQUIRED_COLUMNS = ("path", "caption")  # score and error may be absent: then empty
@@ -302,7 +303,7 @@ def render_html(rows: list[Prediction], thumbs: dict[int, tuple[bytes, int, int]
     ])
 
 
-def write_gallery(predictions: Path, images_dir: Path, out_html: Path, *, thumb_size: int = 256,
+def write_gallery(predictions: Path, images_dir: Path, out_html: Path | Output, *, thumb_size: int = 256,
                   title: str | None = None, overwrite: bool = False, progress: bool = False,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Write a self-contained HTML gallery of caption-dir output.
@@ -310,7 +311,8 @@ def write_gallery(predictions: Path, images_dir: Path, out_html: Path, *, thumb_
     Args:
       predictions: caption-dir CSV or JSONL (columns path, caption, score, error).
       images_dir: the folder the `path` column is relative to.
-      out_html: the page to write (atomically; an existing one only with `overwrite`).
+      out_html: the page to write (whole, under a scratch name renamed into place; an existing one
+        only with `overwrite`), or an `outputs.Output` the caller claimed for the whole run.
       thumb_size: longest side of a thumbnail, in pixels.
       title: page title; defaults to one naming the predictions file.
       progress: show a thumbnailing progress bar on stderr.
@@ -319,10 +321,11 @@ def write_gallery(predictions: Path, images_dir: Path, out_html: Path, *, thumb_
       {"rows", "ok", "failed", "unreadable", "mean_score", "out"}: `failed` counts rows with a
       prediction error plus `unreadable` images that could not be thumbnailed now.
     """
-    predictions, images_dir, out_html = Path(predictions), Path(images_dir), Path(out_html)
+    predictions, images_dir = Path(predictions), Path(images_dir)
     if thumb_size < 16:
         raise TfcapError(f"thumbnail size must be at least 16 pixels, got {thumb_size}")
-    refuse_existing(out_html, overwrite)
+    if not isinstance(out_html, Output):
+        refuse_existing(out_html, overwrite)  # before the work; claimed when it is written
     if not images_dir.is_dir():
         raise TfcapError(f"images folder {images_dir} does not exist")
     rows = read_predictions(predictions)
@@ -343,10 +346,11 @@ def write_gallery(predictions: Path, images_dir: Path, out_html: Path, *, thumb_
         "failed": len(errors),
         "unreadable": sum(1 for i, row in enumerate(rows) if i in errors and not row.error),
         "mean_score": sum(scores) / len(scores) if scores else None,
-        "out": str(out_html),
+        "out": os.fspath(out_html),
     }
     page = render_html(rows, thumbs, errors, title=title or f"Captions: {predictions.name}",
                        source=f"predictions {predictions} · images {images_dir}", summary=summary)
-    out_html.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_html, page)
+    with claimed(out_html, overwrite=overwrite, inputs={"predictions file": predictions,
+                                                        "images folder": images_dir}) as output:
+        output.write_text(page)
     return summary

@@ -18,7 +18,7 @@ import tensorflow as tf
 import tfcap
 from tfcap import decoder as decoders, decoding, encoder as encoders, images, text
 from tfcap.errors import TfcapError
-from tfcap.outputs import sha256_file
+from tfcap.outputs import sha256_file, weights_bytes, write_bytes_atomic, write_text_atomic
 
 CONFIG = "config.json"
 VOCAB = "vocab.txt"
@@ -110,12 +110,12 @@ def write_run_files(run_dir: Path, config: ModelConfig, vocab: text.Vocabulary, 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     vocab.save(run_dir / VOCAB)
-    encoder.model.save_weights(str(run_dir / ENCODER_WEIGHTS))
+    write_bytes_atomic(run_dir / ENCODER_WEIGHTS, weights_bytes(encoder.model))
     # The weights' identity (the feature cache's key) beside this file's sha256: while the file is
     # unchanged (a frozen encoder), a resumed run reuses the features of the original weights.
     weights = {"id": encoder.weights_id, "file_sha256": sha256_file(run_dir / ENCODER_WEIGHTS)}
     payload = {"tfcap_version": tfcap.__version__, "model": config.to_dict(), "encoder_weights": weights, **extra}
-    (run_dir / CONFIG).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(run_dir / CONFIG, json.dumps(payload, indent=2) + "\n")  # last: it makes a run directory
 
 
 def read_run_config(run_dir: Path) -> dict:

@@ -35,7 +35,7 @@ import tensorflow as tf
 import tfcap
 from tfcap import datasets, images, text
 from tfcap.errors import TfcapError
-from tfcap.outputs import atomic_directory, sha256_file, write_text_atomic
+from tfcap.outputs import Output, claimed, sha256_file, write_text_atomic
 from tfcap.progress import Stopwatch, progress_bar, summary
 
 MANIFEST = "manifest.json"
@@ -349,9 +349,12 @@ def _write_pass(scratch: Path, source: datasets.Source, files: _Files, planned: 
     return shards, order[~written], n_truncated
 
 
-def build_records(source: datasets.Source, out: Path, config: RecordsConfig = RecordsConfig(), *,
+def build_records(source: datasets.Source, out: Path | Output, config: RecordsConfig = RecordsConfig(), *,
                   overwrite: bool = False, show_progress: bool = True) -> dict:
     """Validate, tokenize and write `source` as sharded TFRecords in `out`; return the manifest.
+
+    `out`: a folder, or an `outputs.Output` the caller claimed (then `overwrite` is its own); it is
+    written into a scratch folder of this process and renamed into place when complete.
 
     One parallel pass reads, checks and writes each image. The check (`images.check`) reads the
     header and the end of the file and decodes only when those leave a doubt: it skips missing,
@@ -369,9 +372,8 @@ def build_records(source: datasets.Source, out: Path, config: RecordsConfig = Re
         raise TfcapError(f"--compression must be gzip or none, not {config.compression}")
     if config.min_count < 1 or config.text.max_length < 1:
         raise TfcapError("--min-count and --max-length must be at least 1")
-    out = Path(out)
     clock = Stopwatch()
-    with atomic_directory(out, overwrite) as scratch:
+    with claimed(out, overwrite=overwrite) as output, output.directory() as scratch:
         # Every image named by the captions is checked, also those in no split, so that every
         # broken one is reported (the bogus Flickr8k id `...jpg.1` is in no split).
         ids = list(source.captions)
@@ -429,14 +431,14 @@ def build_records(source: datasets.Source, out: Path, config: RecordsConfig = Re
             "skipped": skipped,
             "bad_lines": source.bad_lines,
         }
-        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(scratch / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
     seconds = clock.seconds
     per_split = ", ".join(f"{s} {splits_manifest[s]['images']}" for s in datasets.SPLITS)
     summary(f"build-records: {n_images} images ({per_split}), {n_captions} captions, vocab {len(vocab)}; "
             f"{len(skipped)} skipped, {len(unsplit)} in no split, {n_truncated} captions truncated, "
             f"{len(source.bad_lines)} bad lines, {source.duplicate_captions} duplicate captions dropped; "
-            f"{seconds:.1f} s, {len(ids) / max(seconds, 1e-9):.0f} images/s -> {out}")
+            f"{seconds:.1f} s, {len(ids) / max(seconds, 1e-9):.0f} images/s -> {output.path}")
     return manifest
 
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 import tensorflow_text as tf_text
 
 from tfcap.errors import TfcapError
+from tfcap.outputs import write_text_atomic
 
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 RESERVED = (PAD, UNK, START, END)
@@ -108,7 +109,7 @@ class Vocabulary(tf.Module):
         return cls.from_counts([w.decode("utf-8") for w in words.numpy()], counts.numpy(), min_count)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text("\n".join(self.words) + "\n", encoding="utf-8")
+        write_text_atomic(path, "\n".join(self.words) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "Vocabulary":

@@ -44,7 +44,7 @@ import tensorflow as tf
 from tfcap import (decoder as decoders, distribute, encoder as encoders, features, inputs, metrics, model as models,
                    records, scst, text)
 from tfcap.errors import Interrupted, TfcapError
-from tfcap.outputs import OutputLock, sha256_file, write_text_atomic
+from tfcap.outputs import Output, append_to, sha256_file, weights_bytes, write_files_atomic, write_text_atomic
 from tfcap.progress import Stopwatch, summary
 
 CHECKPOINTS = "checkpoints"
@@ -337,14 +337,11 @@ class _Trainer:
 
     def save_best(self) -> None:
         """The trained weights (decoder, and the encoder when it is trained) into the run directory,
-        each written to a hidden name and renamed."""
+        each written to a hidden name, then both renamed (`outputs.write_files_atomic`)."""
         pairs = [(self.decoder, models.DECODER_WEIGHTS)]
         if self.train_encoder:
             pairs.insert(0, (self.encoder.model, models.ENCODER_WEIGHTS))
-        for model, name in pairs:
-            model.save_weights(str(self.run_dir / f".{name}"))
-        for _, name in pairs:
-            Path(self.run_dir / f".{name}").replace(self.run_dir / name)
+        write_files_atomic({self.run_dir / name: weights_bytes(model) for model, name in pairs})
 
     def learning_rate(self) -> float:
         lr = self.optimizer.learning_rate
@@ -455,9 +452,8 @@ class _Trainer:
             elif f"val_{self.config.select}" in record:
                 self.bad_evals.assign_add(1)
             record["best"] = improved
-            if chief:
-                with open(self.run_dir / METRICS, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
+            if chief:  # the whole line or none (a full disk): resume reads every line
+                append_to(self.run_dir / METRICS, (json.dumps(record) + "\n").encode())
             with writer.as_default(step=epoch + 1):
                 for key in ("loss", "val_loss", "val_bleu4", "val_cider", "learning_rate", "tokens_per_s",
                             "samples_per_s", "reward", "greedy_cider"):
@@ -572,7 +568,8 @@ def _forget_unsaved_epochs(metrics_file: Path, completed: int) -> None:
 def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderConfig = encoders.EncoderConfig(),
           decoder_config: decoders.DecoderConfig = decoders.DecoderConfig(),
           train_config: TrainConfig = TrainConfig(), cache_dir: Path | None = None, resume: bool = False,
-          overwrite: bool = False, show_progress: bool = True, given: dict | None = None) -> dict:
+          overwrite: bool = False, show_progress: bool = True, given: dict | None = None,
+          cluster_timeout: float = distribute.CLUSTER_TIMEOUT) -> dict:
     """Train a captioner on RECORDS into RUN_DIR; return the final epoch's metrics and totals.
 
     With `resume`, the configuration saved in RUN_DIR is used (the config arguments are ignored;
@@ -584,13 +581,18 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
     the saved ones (a resumed run may move to other devices or machines); any other that differs is refused.
 
     Under `train_config.strategy` multi-worker, every worker calls this with the same arguments; only
-    the chief (TF_CONFIG) writes RUN_DIR, the others read it to resume.
+    the chief (TF_CONFIG) writes RUN_DIR, the others read it to resume. A worker waits
+    `cluster_timeout` seconds at most for the others to start.
+
+    RUN_DIR is claimed first (`outputs.Output`): locked for the whole run, and refused when it is or
+    holds the records or the --init run (`overwrite` would delete them).
     """
     records_dir, run_dir = Path(records_dir), Path(run_dir)
     given = given or {}
     strategy = given.get("train.strategy", _saved_strategy(run_dir)) if resume else train_config.strategy
+    inputs = {"records folder": records_dir, "--init run": None if resume else (train_config.init or None)}
     # One process per run directory, new or resumed; the other workers of a cluster only read it.
-    with OutputLock(run_dir) if distribute.is_chief(strategy) else contextlib.nullcontext():
+    with Output(run_dir, append=True, inputs=inputs) if distribute.is_chief(strategy) else contextlib.nullcontext():
         saved = models.read_run_config(run_dir) if resume else None
         if resume:
             train_config = _resumed_train_config(run_dir, saved, given)
@@ -598,7 +600,7 @@ def train(records_dir: Path, run_dir: Path, *, encoder_config: encoders.EncoderC
         if strategy == "auto" and (train_config.objective == "scst" or train_config.train_encoder):
             strategy = "one-device"  # not split over replicas (TrainConfig refuses them with the others)
         # Before TensorFlow runs an op: MultiWorkerMirroredStrategy sets up the runtime's collectives.
-        placement = distribute.placement(strategy, train_config.devices)
+        placement = distribute.placement(strategy, train_config.devices, cluster_timeout=cluster_timeout)
         return _train_locked(records_dir, run_dir, encoder_config, decoder_config, train_config, cache_dir, resume,
                              overwrite, show_progress, saved, placement)
 

@@ -17,9 +17,15 @@ file, so a bad file never fails or retries a bundle.
 Nothing is lost or doubled when a runner retries a bundle: rows reach OUT only through WriteToText,
 which writes each bundle to a temporary file and, once the whole pipeline is done, renames each
 finished shard into place once (a retried bundle's first attempt is a temporary file nobody
-renames). No DoFn appends to an output. On a local OUT the shards are moreover written into a hidden
-sibling folder that becomes OUT only when the pipeline succeeded (`outputs.atomic_directory`),
-so an existing OUT is replaced (with --overwrite) only by a complete one.
+renames). No DoFn appends to an output. A local OUT is claimed for the whole run (`outputs.Output`:
+locked, so a second caption-dir into it is refused) and the shards are written into a scratch folder
+of this process beside it, which becomes OUT only when the pipeline succeeded, so an existing OUT is
+replaced (with --overwrite) only by a complete one.
+
+The pipeline runs quietly (`_quiet`): the runner's logs, its workers' start-up chatter and
+tracebacks go nowhere unless `BeamConfig.verbose`; what failed is one line. Ctrl-C while it runs is
+an `Interrupted` (exit 130), however the runner relays the KeyboardInterrupt, and the worker
+processes it started are ended with it.
 
 The model: an exported SavedModel (`tfcap export`), which each worker loads once per process
 (`ImageCaptionHandler.load_model`). A run directory, or the bundled model, is exported on the fly
@@ -29,12 +35,19 @@ read this machine's folders, so there it is refused with the `tfcap export` comm
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
+import logging
+import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -46,7 +59,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from tfcap import caption, export, images, pretrained
 from tfcap.errors import Interrupted, TfcapError
-from tfcap.outputs import atomic_directory, check_output
+from tfcap.outputs import Output
 from tfcap.progress import Stopwatch, summary
 
 METRICS = "tfcap"  # the namespace of this pipeline's metrics, RunInference's own included
@@ -167,6 +180,7 @@ class BeamConfig:
 
     runner: str | None = None  # None: the one in `pipeline_args`, else DirectRunner
     pipeline_args: tuple[str, ...] = ()
+    verbose: bool = False  # show the runner's and its workers' logs (quiet by default: `_quiet`)
 
     def options(self) -> PipelineOptions:
         args = list(self.pipeline_args)
@@ -269,6 +283,77 @@ def _distributions(result) -> dict[str, Any]:
     return values
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes started by `pid` and by those, from /proc (Linux; elsewhere none are known)."""
+    found = []
+    for children in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            with open(children) as f:
+                found += [int(child) for child in f.read().split()]
+        except OSError:
+            continue
+    return found + [grandchild for child in found for grandchild in _descendants(child)]
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool) -> Iterator[None]:
+    """The block's stderr output goes nowhere, unless `verbose`: the runner's logging, tracebacks Beam
+    logs before it raises, worker processes (they inherit file descriptor 2 when started) and the
+    exceptions of the runner's threads. What failed is raised, for one line."""
+    if verbose:
+        yield
+        return
+    sys.stderr.flush()
+    saved, disabled, excepthook = os.dup(2), logging.root.manager.disable, threading.excepthook
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        logging.disable(logging.CRITICAL)
+        threading.excepthook = lambda args: None
+        yield
+    finally:
+        threading.excepthook = excepthook
+        logging.disable(disabled)
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+@contextlib.contextmanager
+def _ended_with_the_pipeline(interrupted: threading.Event) -> Iterator[None]:
+    """Ctrl-C sets `interrupted` (and raises KeyboardInterrupt as usual) for the block: a runner may
+    relay it as another exception. Ctrl-C, or a failure of the block, ends the worker processes
+    started in it (DirectRunner waits 10 s and more for them, and its threads keep the process alive
+    while they run) and gives the threads started in it a few seconds to end, so that the process
+    ends within seconds."""
+    children, threads = set(_descendants(os.getpid())), set(threading.enumerate())
+
+    def end_workers():
+        for pid in set(_descendants(os.getpid())) - children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        def on_sigint(signum, frame):
+            interrupted.set()
+            end_workers()  # at once: the runner waits for its workers before it lets the interrupt through
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    except BaseException:
+        end_workers()
+        deadline = time.monotonic() + 10
+        for thread in set(threading.enumerate()) - threads:
+            if not thread.daemon:
+                thread.join(max(deadline - time.monotonic(), 0))
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def caption_directory(images_dir, out, model, config: caption.CaptionConfig = caption.CaptionConfig(),
                       beam_config: BeamConfig = BeamConfig(), *, fmt: str | None = None, overwrite: bool = False,
                       beam_size: int | None = None, length_penalty: float | None = None,
@@ -298,29 +383,34 @@ def caption_directory(images_dir, out, model, config: caption.CaptionConfig = ca
     remote_out = export.is_url(out)
     if remote_out:
         _prepare_remote_out(str(out), overwrite)
-    else:
-        check_output(Path(out), overwrite, {"images folder": None if export.is_url(images_dir) else Path(images_dir),
-                                            "model": None if export.is_url(model) else Path(model)})
     scratch = Path(tempfile.mkdtemp(prefix="tfcap-beam-"))
-    result = None
+    result = output = None
     try:
+        if not remote_out:  # claimed for the whole run (a bucket has no lock: the runner's sink writes it)
+            output = Output(Path(out), overwrite=overwrite, inputs={
+                "images folder": None if export.is_url(images_dir) else Path(images_dir),
+                "model": None if export.is_url(model) else Path(model)})
         location, export_seconds = _prepare_model(model, beam_size, length_penalty, precision, scratch)
         local_root = str(images_dir) if export.is_url(images_dir) else str(Path(images_dir).resolve())
 
         def run(target: str) -> None:
             nonlocal result
             timings["started_epoch_ms"] = time.time() * 1000
+            interrupted = threading.Event()
             try:
-                pipeline = beam.Pipeline(options=options)  # an unknown or uninstalled runner fails here
-                add_caption_dir(pipeline, local_root, f"{target.rstrip('/')}/part", location, config, fmt)
-                result = pipeline.run()
-                result.wait_until_finish()
+                with _quiet(beam_config.verbose), _ended_with_the_pipeline(interrupted):
+                    pipeline = beam.Pipeline(options=options)  # an unknown or uninstalled runner fails here
+                    add_caption_dir(pipeline, local_root, f"{target.rstrip('/')}/part", location, config, fmt)
+                    result = pipeline.run()
+                    result.wait_until_finish()
             except (TfcapError, KeyboardInterrupt):
                 raise
             except Exception as e:  # a worker's traceback, relayed by the runner: its last line says what
+                if interrupted.is_set():  # Ctrl-C, relayed by the runner as its own exception
+                    raise KeyboardInterrupt from None
                 lines = [line.strip() for line in str(e).splitlines() if line.strip()]
                 raise TfcapError(f"the Beam pipeline failed on {runner}: {lines[-1] if lines else type(e).__name__}"
-                                 ) from e
+                                 + ("" if beam_config.verbose else " (--verbose shows its logs)")) from e
             timings["ended_epoch_ms"] = time.time() * 1000
             state = str(result.state)
             if "DONE" not in state:
@@ -330,7 +420,7 @@ def caption_directory(images_dir, out, model, config: caption.CaptionConfig = ca
         if remote_out:
             run(str(out))
         else:
-            with atomic_directory(Path(out), overwrite) as folder:
+            with output.directory() as folder:
                 run(str(folder))
     except KeyboardInterrupt:
         left = ""
@@ -343,6 +433,8 @@ def caption_directory(images_dir, out, model, config: caption.CaptionConfig = ca
                           f"finishes){left}") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if output is not None:
+            output.release()
     ok, failed, parts = _count_rows(str(out), fmt)
     seconds = clock.seconds
     if ok + failed == 0:
