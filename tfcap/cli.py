@@ -474,6 +474,52 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
     click.echo(f"scores: {out / 'scores.json'}; COCO results: {out / 'captions_coco.json'}", err=True)
 
 
+@main.command("score")
+@click.argument("pairs", type=PathArg)
+@click.option("-o", "--out", type=PathArg, required=True,
+              help="Output: the pairs with score, confidence, in_domain, typicality and error added (CSV, or JSON "
+                   "Lines when it ends in .jsonl; other names keep the input's format).")
+@click.option("--images", "images_dir", type=PathArg, help="Folder the image paths are relative to (default: the "
+              "pairs file's folder).")
+@click.option("--model", "model_path", type=LocationArg, callback=_default_model,
+              help="Run directory or SavedModel (default: the bundled model, see tfcap models).")
+@_precision_option
+@click.option("--batch-size", type=_POSITIVE, default=32, show_default=True, help="Images per batch.")
+@click.option("--max-pixels", type=_POSITIVE, default=None, help="Refuse images whose header declares more pixels.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def score_command(pairs, out, images_dir, model_path, precision, batch_size, max_pixels, overwrite, quiet):
+    """The confidence of given image-caption pairs: PAIRS is a CSV (or JSON Lines) with an image column
+    (path, image, file or filename) and a caption column."""
+    from tfcap import export, outputs, scoring
+
+    outputs.check_output(out, overwrite, {"pairs file": pairs, "images folder": images_dir, "model": model_path})
+    scoring.read_pairs(pairs)  # a wrong file fails before the model loads
+    predictor = export.load_predictor(model_path, precision=precision)
+    scoring.score_pairs(predictor, pairs, out, images_dir=images_dir, batch_size=batch_size, max_pixels=max_pixels,
+                        overwrite=overwrite, show_progress=not quiet)
+
+
+@main.command("fit-confidence")
+@click.argument("run_dir", metavar="RUN_DIR", type=PathArg)
+@click.argument("records_dir", metavar="RECORDS", type=PathArg)
+@click.option("--epochs", type=_POSITIVE, default=10, show_default=True, help="Epochs of the image-caption matcher.")
+@click.option("--cache-dir", type=PathArg, help="Feature cache (default: RECORDS.cache beside the records).")
+@click.option("--overwrite", is_flag=True, help="Replace the run's existing confidence.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def fit_confidence_command(run_dir, records_dir, epochs, cache_dir, overwrite, quiet):
+    """Fit the confidence of RUN_DIR's captions on RECORDS' train and val splits (the records it was trained on)."""
+    import dataclasses
+
+    from tfcap import confidence, model, outputs
+
+    model.read_run_config(run_dir)
+    outputs.refuse_existing(run_dir / confidence.CONFIG, overwrite)
+    outputs.check_writable(run_dir, replace=False)
+    confidence.fit(run_dir, records_dir, dataclasses.replace(confidence.ConfidenceConfig(), epochs=epochs),
+                   cache_dir=cache_dir, show_progress=not quiet)
+
+
 @main.command("models")
 def models_command():
     """The captioners bundled with tfcap: what they were trained on, their scores, their licence."""

@@ -51,6 +51,8 @@ class ServingModule(tf.Module):
         self.decode = tf.function(self._decode, input_signature=[{key: specs[key] for key in self._feature_keys}])
         self.caption_pixels = tf.function(self._caption_pixels, input_signature=[
             tf.TensorSpec([None, size, size, 3], tf.float32)])
+        self.assess = tf.function(self._assess, input_signature=[
+            {key: specs[key] for key in self._feature_keys}, tf.TensorSpec([None], tf.string)])
         self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
         self.get_settings = tf.function(lambda: tf.constant(self.settings), input_signature=[])
 
@@ -62,6 +64,11 @@ class ServingModule(tf.Module):
         captions, scores = self.captioner.caption_features(
             features, beam_size=self._beam_size, length_penalty=self._length_penalty)
         return {"captions": captions, "scores": scores}
+
+    def _assess(self, features, captions):
+        """Given captions tf.string [B] of the images -> {score, and confidence, in_domain, typicality
+        where the run has a fitted confidence}, each [B] (model.Captioner.assess)."""
+        return self.captioner.assess(features, self.captioner.word_ids(captions))
 
     def _caption_pixels(self, pixels):
         return self._decode(self._encode(pixels))
@@ -130,6 +137,13 @@ class Predictor:
     def decode(self, features: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
         out = self._owner.decode(features) if self.split else self._owner.caption_pixels(features["pixels"])
         return out["captions"], out["scores"]
+
+    def assess(self, features: dict[str, tf.Tensor], captions: tf.Tensor) -> dict[str, tf.Tensor]:
+        """How far to trust given captions (tf.string [B]) of encoded images: {score [B], and confidence,
+        in_domain, typicality [B] where the model has a fitted confidence} (see tfcap.confidence)."""
+        if not hasattr(self._owner, "assess"):
+            raise TfcapError("this SavedModel was exported before tfcap scored given captions; export it again")
+        return dict(self._owner.assess(features, captions))
 
     def caption_pixels(self, pixels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         out = self._owner.caption_pixels(pixels)

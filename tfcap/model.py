@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 import tfcap
-from tfcap import decoder as decoders, decoding, encoder as encoders, images, text
+from tfcap import confidence, decoder as decoders, decoding, encoder as encoders, images, text
 from tfcap.errors import TfcapError
 from tfcap.outputs import sha256_file
 
@@ -68,9 +68,11 @@ def feature_keys(config: decoders.DecoderConfig) -> tuple[str, ...]:
 class Captioner(tf.Module):
     """Images in, captions out, all in TensorFlow graphs (the same graph that `export` saves)."""
 
-    def __init__(self, config: ModelConfig, encoder: encoders.Encoder, decoder: keras.Model, vocab: text.Vocabulary):
+    def __init__(self, config: ModelConfig, encoder: encoders.Encoder, decoder: keras.Model, vocab: text.Vocabulary,
+                 assessor=None):
         super().__init__(name="captioner")
         self.config, self.encoder, self.decoder, self.vocab = config, encoder, decoder, vocab
+        self.assessor = assessor  # a confidence.Assessor when the run has a fitted confidence, else None
 
     def features(self, pixels: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
         """Preprocessed images tf.float32 [B, S, S, 3] -> {"pooled": [B, C], "grid": [B, L, C]} float32.
@@ -99,6 +101,20 @@ class Captioner(tf.Module):
         tokens, scores, _ = self.generate(features, **kwargs)
         return self.vocab.decode(tokens), scores
 
+    def word_ids(self, captions: tf.Tensor) -> tf.Tensor:
+        """Caption strings tf.string [B] -> their word ids tf.int32 [B, max_length], 0-padded (text.encode_captions)."""
+        ids, _ = text.encode_captions(captions, self.vocab, self.config.text)
+        return tf.cast(ids.to_tensor(shape=[None, self.config.text.max_length]), tf.int32)
+
+    def assess(self, features: dict[str, tf.Tensor], ids: tf.Tensor) -> dict[str, tf.Tensor]:
+        """How far to trust captions `ids` (tf.int32 [B, T], 0-padded word ids) of the images: `score`
+        (mean log-probability per token, `<end>` included) tf.float32 [B], and with a fitted confidence
+        `confidence` [B], `in_domain` tf.bool [B], `typicality` [B] (see tfcap.confidence)."""
+        if self.assessor is not None:
+            return self.assessor.assess(features, ids)
+        log_p, tokens = confidence.caption_log_probs(self.decoder, features, ids)
+        return {"score": log_p / tokens}
+
     def preprocess_bytes(self, data: tf.Tensor) -> tf.Tensor:
         """One encoded image (tf.string []) -> tf.float32 [S, S, 3], ready for `features`."""
         return self.encoder.preprocess(images.decode_rgb(data))
@@ -116,6 +132,17 @@ def write_run_files(run_dir: Path, config: ModelConfig, vocab: text.Vocabulary, 
     weights = {"id": encoder.weights_id, "file_sha256": sha256_file(run_dir / ENCODER_WEIGHTS)}
     payload = {"tfcap_version": tfcap.__version__, "model": config.to_dict(), "encoder_weights": weights, **extra}
     (run_dir / CONFIG).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def with_original_weights_id(encoder: encoders.Encoder, weights_file: Path, saved_weights: dict | None) -> encoders.Encoder:
+    """`encoder`, built from a run's `weights_file` (RUN_DIR/encoder.weights.h5), under the id of the
+    weights training started with while that file is the one training wrote (its sha256 in
+    config.json's `encoder_weights`): the same features, so the feature cache built from them serves
+    (a copy has another sha256, the same features)."""
+    if isinstance(saved_weights, dict) and "id" in saved_weights and Path(weights_file).is_file() \
+            and sha256_file(weights_file) == saved_weights.get("file_sha256"):
+        return encoders.Encoder(encoder.config, encoder.model, encoder.precision, saved_weights["id"])
+    return encoder
 
 
 def read_run_config(run_dir: Path) -> dict:
@@ -183,4 +210,5 @@ def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision:
         decoder.load_weights(str(run_dir / weights))
     except (ValueError, KeyError) as e:
         raise TfcapError(f"{run_dir / weights} does not fit the decoder in config.json: {str(e).splitlines()[0]}") from None
-    return Captioner(config, encoder, decoder, vocab)
+    return Captioner(config, encoder, decoder, vocab,
+                     confidence.load(run_dir, decoder, config.vocab_size, encoder.feature_dim))

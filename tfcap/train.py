@@ -44,7 +44,7 @@ import tensorflow as tf
 from tfcap import (decoder as decoders, distribute, encoder as encoders, features, inputs, metrics, model as models,
                    records, scst, text)
 from tfcap.errors import Interrupted, TfcapError
-from tfcap.outputs import OutputLock, sha256_file, write_text_atomic
+from tfcap.outputs import OutputLock, write_text_atomic
 from tfcap.progress import Stopwatch, summary
 
 CHECKPOINTS = "checkpoints"
@@ -511,10 +511,8 @@ def _resumed_encoder(config: encoders.EncoderConfig, precision: str, saved_weigh
     """The run's encoder from RUN_DIR/encoder.weights.h5. While that file is the one training
     started with (sha256 in config.json), its weights are the original ones, so it keeps their id
     and the feature cache built from them serves (a copy has another sha256, the same features)."""
-    encoder = encoders.build_encoder(config, precision)
-    if saved_weights and sha256_file(config.weights) == saved_weights["file_sha256"]:
-        encoder = encoders.Encoder(encoder.config, encoder.model, encoder.precision, saved_weights["id"])
-    return encoder
+    return models.with_original_weights_id(encoders.build_encoder(config, precision), Path(config.weights),
+                                           saved_weights)
 
 
 # Settings whose option is not "--" + the field name with dashes.

@@ -140,3 +140,35 @@ def read_original(text_dir: Path, images_dir: Path | None, skip_bad_lines: bool)
     official = find_official_splits(text_dir)
     return Source("original", text_dir / TOKEN_FILE, need_dir(images_dir, "images folder"), captions,
                   official or {}, "official" if official else "hash", bad)
+
+
+EXPERT_FILE = "ExpertAnnotations.txt"
+
+
+def read_expert_judgments(data: Path, *, keep_own: bool = False) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Flickr8k-Expert (Hodosh et al. 2013): (image, caption, the three experts' judgments 1-4) of
+    each judged pair, from ExpertAnnotations.txt and Flickr8k.token.txt in DATA or DATA/Flickr8k_text/.
+
+    Without `keep_own`, pairs whose caption is one of the image's own are left out, as the
+    reference-free metric literature does (CLIPScore: 5,664 of the 5,822 pairs remain).
+    """
+    folders = [d for d in token_dirs(Path(data)) if (d / EXPERT_FILE).is_file()]
+    if not folders:
+        raise TfcapError(f"{data}: no {EXPERT_FILE} beside a {TOKEN_FILE} (in it or in its Flickr8k_text/)")
+    folder = folders[0]
+    captions = {}
+    for number, line in numbered_lines(folder / TOKEN_FILE):
+        key, tab, caption = line.partition("\t")
+        if tab:
+            captions[key.strip()] = caption.strip()
+    pairs = []
+    for number, line in numbered_lines(folder / EXPERT_FILE):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 5 or fields[1] not in captions or not all(f.strip() in ("1", "2", "3", "4") for f in fields[2:]):
+            raise TfcapError(f"{folder / EXPERT_FILE}:{number}: expected IMAGE<TAB>IMAGE#N<TAB>three judgments 1-4")
+        image, caption_id = fields[0].strip(), fields[1]
+        if keep_own or caption_id.rpartition("#")[0] != image:
+            pairs.append((image, captions[caption_id], tuple(int(f) for f in fields[2:])))
+    return pairs
