@@ -143,7 +143,8 @@ def test_beam_gives_the_rows_of_the_local_engine(world, tmp_path, mode, monkeypa
     if "two" in mode:
         assert exports == []
     else:  # exported with the local engine's decoding, into a temporary folder that is gone afterwards
-        assert exports == [(root / "run", {"beam_size": 3, "length_penalty": 0.0, "precision": None})]
+        assert exports == [(root / "run", {"beam_size": 3, "length_penalty": 0.0, "no_repeat_ngram": 0, "labels": None,
+                                           "precision": None})]
         assert not written[0].exists()
     rows = [row for part in parts(out) for row in read_csv(part)]
     assert_same_rows(rows, local_rows)
@@ -181,7 +182,7 @@ def test_nothing_to_caption_exits_0_with_one_header_only_part(world, tmp_path, c
     out = tmp_path / "out"
     result = ok("caption-dir", tmp_path / "in", "-o", out, "--engine", "beam", "--model", root / "savedmodel", *extra)
     assert "0 images to caption" in result.stderr.strip().splitlines()[-1]
-    assert [p.read_text() for p in parts(out)] == ["path,caption,score,error\n"]  # as the local engine's empty CSV
+    assert [p.read_text() for p in parts(out)] == ["path,caption,score,labels,error\n"]  # as the local engine's empty CSV
 
 
 def test_without_apache_beam_the_message_names_the_extra(world, tmp_path, monkeypatch):

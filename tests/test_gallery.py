@@ -237,7 +237,7 @@ def test_browser_filter_and_sort_controls(page, tmp_path):
     # Drive the controls the way a user would, by appending a script to a copy of the page.
     driver = ("<script>const s=document.getElementById('show'),o=document.getElementById('order');"
               "s.value='failed';s.dispatchEvent(new Event('change'));"
-              "o.value='best';o.dispatchEvent(new Event('change'));</script>")
+              "o.value='best:score';o.dispatchEvent(new Event('change'));</script>")
     copy = tmp_path / "driven.html"
     copy.write_text(out.read_text().replace("</body>", driver + "</body>"))
     dom = _chromium(copy, tmp_path / "profile", "--dump-dom")

@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 import tfcap
-from tfcap import decoder as decoders, decoding, encoder as encoders, images, text
+from tfcap import decoder as decoders, decoding, encoder as encoders, images, labels, text
 from tfcap.errors import TfcapError
 from tfcap.outputs import sha256_file
 
@@ -66,11 +66,16 @@ def feature_keys(config: decoders.DecoderConfig) -> tuple[str, ...]:
 
 
 class Captioner(tf.Module):
-    """Images in, captions out, all in TensorFlow graphs (the same graph that `export` saves)."""
+    """Images in, captions out, all in TensorFlow graphs (the same graph that `export` saves).
 
-    def __init__(self, config: ModelConfig, encoder: encoders.Encoder, decoder: keras.Model, vocab: text.Vocabulary):
+    classifier: the encoder's ImageNet classifier (`tfcap.labels`), or None when it has none.
+    """
+
+    def __init__(self, config: ModelConfig, encoder: encoders.Encoder, decoder: keras.Model, vocab: text.Vocabulary,
+                 classifier: labels.Classifier | None = None):
         super().__init__(name="captioner")
         self.config, self.encoder, self.decoder, self.vocab = config, encoder, decoder, vocab
+        self.classifier = classifier
 
     def features(self, pixels: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
         """Preprocessed images tf.float32 [B, S, S, 3] -> {"pooled": [B, C], "grid": [B, L, C]} float32.
@@ -82,22 +87,50 @@ class Captioner(tf.Module):
         return {"pooled": self.encoder.pool(flat), "grid": flat}
 
     def generate(self, features: dict[str, tf.Tensor], *, beam_size: int = 3, length_penalty: float = 0.0,
-                 max_tokens: int | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """Decode features to token ids.
+                 no_repeat_ngram: int = 0, max_tokens: int | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Decode features to token ids (no_repeat_ngram: see `decoding.beam_search`).
 
         Returns (tokens tf.int32 [B, T], scores tf.float32 [B] mean log-prob per token, lengths tf.int32 [B]).
         """
         state, context = self.decoder.initial_state(features)
         max_tokens = max_tokens or self.config.max_caption_tokens
         if beam_size == 1:
-            return decoding.greedy_search(self.decoder.step, state, context, max_length=max_tokens)
+            return decoding.greedy_search(self.decoder.step, state, context, max_length=max_tokens,
+                                          no_repeat_ngram=no_repeat_ngram)
         return decoding.beam_search(self.decoder.step, state, context, beam_size=beam_size, max_length=max_tokens,
-                                length_penalty=length_penalty)
+                                    length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)
 
     def caption_features(self, features, **kwargs) -> tuple[tf.Tensor, tf.Tensor]:
         """Features -> (captions tf.string [B], scores tf.float32 [B])."""
         tokens, scores, _ = self.generate(features, **kwargs)
         return self.vocab.decode(tokens), scores
+
+    def output_feature_keys(self, labels: int | None = 0) -> tuple[str, ...]:
+        """The features `describe` reads: the decoder's, and `pooled` for labels."""
+        keys = feature_keys(self.config.decoder)
+        return keys if not self.label_count(labels) or "pooled" in keys else (*keys, "pooled")
+
+    def label_count(self, asked: int | None) -> int:
+        """How many labels `describe` returns when `asked` for (None: the default): 0 without a classifier."""
+        return labels.count(asked, self.classifier.count) if self.classifier is not None else 0
+
+    def describe(self, features: dict[str, tf.Tensor], *, beam_size: int = 3, length_penalty: float = 0.0,
+                 no_repeat_ngram: int = 0, labels: int | None = 0) -> dict[str, tf.Tensor]:
+        """Features -> every per-image output, a dict of tensors [B, ...] (the columns they make: tfcap.rows):
+
+          captions tf.string [B], scores tf.float32 [B] (mean log-prob per token), and with a classifier and
+          `labels` = K > 0 (None: the default), labels tf.string [B, K] and label_probs tf.float32 [B, K]
+          (tfcap.labels).
+
+        This is the one place a new per-image output is computed: `export` serves this dict as the
+        SavedModel's outputs, caption-dir and `tfcap caption` write it through `rows.FIELDS`.
+        """
+        tokens, scores, _ = self.generate(features, beam_size=beam_size, length_penalty=length_penalty,
+                                          no_repeat_ngram=no_repeat_ngram)
+        outputs = {"captions": self.vocab.decode(tokens), "scores": scores}
+        if self.label_count(labels):
+            outputs["labels"], outputs["label_probs"] = self.classifier.top(features["pooled"], self.label_count(labels))
+        return outputs
 
     def preprocess_bytes(self, data: tf.Tensor) -> tf.Tensor:
         """One encoded image (tf.string []) -> tf.float32 [S, S, 3], ready for `features`."""
@@ -152,6 +185,14 @@ def encoder_from_dependency(saved: dict) -> bool:
             and not saved.get("train", {}).get("train_encoder"))
 
 
+def has_imagenet_classifier(saved: dict) -> bool:
+    """Whether a run's config.json (as read) describes an encoder whose ImageNet classifier fits its features:
+    a frozen EfficientNet-Lite with ImageNet weights (the bundled model's too; see tfcap.labels)."""
+    encoder = saved["model"]["encoder"]
+    return labels.has_imagenet_classifier(encoder["name"], encoder["weights"],
+                                          bool(saved.get("train", {}).get("train_encoder")))
+
+
 def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision: str | None = None, *,
                inference: bool = False) -> Captioner:
     """Rebuild the captioner from a run directory; TfcapError on a missing file or a vocab/config mismatch.
@@ -183,4 +224,5 @@ def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision:
         decoder.load_weights(str(run_dir / weights))
     except (ValueError, KeyError) as e:
         raise TfcapError(f"{run_dir / weights} does not fit the decoder in config.json: {str(e).splitlines()[0]}") from None
-    return Captioner(config, encoder, decoder, vocab)
+    classifier = labels.imagenet_classifier(config.encoder.name) if has_imagenet_classifier(saved) else None
+    return Captioner(config, encoder, decoder, vocab, classifier)
