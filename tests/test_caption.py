@@ -190,16 +190,68 @@ def test_resume_refuses_a_foreign_csv_without_touching_it(tiny_run, tmp_path):
     assert out.read_text() == "name,value\nkeep,this"
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_resume_completes_a_file_written_before_labels_in_its_own_columns(tiny_run, tmp_path, fmt):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(tf.io.encode_png(np.full((8, 8, 3), i * 80, np.uint8)).numpy())
+    out = tmp_path / f"out.{fmt}"
+    old = ("path,caption,score,error\n0.png,a cat,-1.0000,\n" if fmt == "csv"
+           else '{"path": "0.png", "caption": "a cat", "score": -1.0, "error": ""}\n')
+    out.write_text(old)
+    result = caption_dir(folder, "-o", out, "--model", tiny_run, "--resume")
+    assert f"{out} has no labels column" in result.stderr
+    text = out.read_text()
+    assert text.startswith(old)
+    found = read_csv(out) if fmt == "csv" else [json.loads(line) for line in text.splitlines()]
+    assert [r["path"] for r in found] == ["0.png", "1.png", "2.png"]
+    assert all(list(r) == ["path", "caption", "score", "error"] for r in found)  # no row of another layout
+    assert all(r["caption"] for r in found)
+
+
+def test_resume_refuses_a_file_with_a_column_this_tfcap_does_not_write(tiny_run, tmp_path):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    (folder / "0.png").write_bytes(tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy())
+    out = tmp_path / "newer.csv"
+    out.write_text("path,caption,score,confidence,labels,error\n1.png,a cat,-1.0000,0.5000,,\n")
+    before = out.read_bytes()
+    result = caption_dir(folder, "-o", out, "--model", tiny_run, "--resume", ok=False)
+    assert result.exit_code == 2 and result.output.count("Error:") == 1
+    assert "has columns this tfcap does not write (confidence)" in result.output
+    assert out.read_bytes() == before
+
+
 def test_caption_prints_path_tab_caption(zoo, tiny_run):
     root, _ = zoo
     result = CliRunner().invoke(main, ["caption", str(root / "plain.jpg"), str(root / "gray.png"),
                                        "--model", str(tiny_run), "--beam-size", "1"])
     assert result.exit_code == 0, result.output
-    lines = result.stdout.strip().splitlines()
+    lines = result.stdout.strip("\n").splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(root / "plain.jpg"), str(root / "gray.png")]
     assert all(line.split("\t")[1] for line in lines)
+    # Then the other fields as caption-dir's CSV writes them: the score, the labels (none: no classifier).
+    assert all(len(line.split("\t")) == 4 and float(line.split("\t")[2]) <= 0 and line.endswith("\t")
+               for line in lines)
     bad = CliRunner().invoke(main, ["caption", str(root / "text.png"), "--model", str(tiny_run)])
     assert bad.exit_code == 1 and "not an image" in bad.output
+
+
+def serve_without_tfcap(saved: Path, files: list[Path], expression: str, folder: Path):
+    """`expression` (JSON-able Python over `out`, the outputs of the SavedModel's serving_default on the
+    bytes of `files`), computed in a fresh process that never imports tfcap."""
+    script = (
+        "import sys, json, tensorflow as tf\n"
+        f"model = tf.saved_model.load({str(saved)!r})\n"
+        f"data = [open(name, 'rb').read() for name in {[str(f) for f in files]!r}]\n"
+        "out = model.signatures['serving_default'](images=tf.constant(data))\n"
+        "assert 'tfcap' not in sys.modules\n"
+        f"print(json.dumps({expression}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=folder, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_export_round_trip_in_a_fresh_process_and_same_captions_as_the_run(zoo, tiny_run, tmp_path):
@@ -212,17 +264,8 @@ def test_export_round_trip_in_a_fresh_process_and_same_captions_as_the_run(zoo, 
     caption_dir(root, "-o", from_saved, "--model", saved)
     assert read_csv(from_run) == read_csv(from_saved)
 
-    script = (
-        "import sys, json, tensorflow as tf\n"
-        f"model = tf.saved_model.load({str(saved)!r})\n"
-        f"data = [open({str(root / 'plain.jpg')!r}, 'rb').read(), open({str(root / 'rgba.png')!r}, 'rb').read()]\n"
-        "out = model.signatures['serving_default'](images=tf.constant(data))\n"
-        "assert 'tfcap' not in sys.modules\n"
-        "print(json.dumps([c.decode() for c in out['captions'].numpy()]))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    captions = json.loads(proc.stdout.strip().splitlines()[-1])
+    captions = serve_without_tfcap(saved, [root / "plain.jpg", root / "rgba.png"],
+                                   "[c.decode() for c in out['captions'].numpy()]", tmp_path)
     rows = {r["path"]: r["caption"] for r in read_csv(from_run)}
     assert captions == [rows["plain.jpg"], rows["rgba.png"]]
     beam_clash = caption_dir(root, "-o", tmp_path / "x.csv", "--model", saved, "--beam-size", "5", ok=False)
