@@ -352,3 +352,39 @@ def test_bfloat16_encoder_at_caption_time_and_its_savedmodel(zoo, tiny_run, tmp_
     assert export.load_predictor(saved).settings["encoder_precision"] == "mixed_bfloat16"
     clash = caption_dir(root, "-o", tmp_path / "x.csv", "--model", saved, "--precision", "float32", ok=False)
     assert clash.exit_code == 2 and "exported with encoder precision mixed_bfloat16" in clash.output
+
+
+def test_no_repeat_ngram_from_decoding_json_the_options_and_a_savedmodel(tiny_run, tiny_records, tmp_path):  # noqa: F811
+    import shutil
+
+    from tfcap import export
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "decoding.json").write_text('{"beam_size": 2, "length_penalty": 0.5, "no_repeat_ngram": 3}\n')
+    assert export.run_decoding(run) == export.Decoding(beam_size=2, length_penalty=0.5, no_repeat_ngram=3)
+    assert export.run_decoding(run, no_repeat_ngram=0) == export.Decoding(2, 0.5, 0)  # the option wins
+    saved = tmp_path / "saved"
+    result = CliRunner().invoke(main, ["export", str(run), "-o", str(saved)])
+    assert result.exit_code == 0, result.output
+    assert "no repeated 3-grams, 0 labels" in result.stderr  # a random-init MobileNet has no classifier
+    assert export.load_predictor(saved, no_repeat_ngram=3).settings["no_repeat_ngram"] == 3
+    for command in (["caption-dir", str(tmp_path), "-o", str(tmp_path / "x.csv"), "--model", str(saved)],
+                    ["evaluate", "--model", str(saved), str(tiny_records), "--split", "val", "--no-meteor",
+                     "-o", str(tmp_path / "e")]):
+        refused = CliRunner().invoke(main, [*command, "--no-repeat-ngram", "2"])
+        assert refused.exit_code == 2 and "exported with no repeat ngram 3; re-export to use 2" in refused.output
+
+
+def test_choose_decoding_tries_n_gram_blocking_and_prints_the_decoding_json(tiny_run, tiny_records, tmp_path):  # noqa: F811
+    tool = Path(__file__).resolve().parent.parent / "tools" / "choose_decoding.py"
+    proc = subprocess.run([sys.executable, str(tool), str(tiny_run), str(tiny_records), "--beams", "1", "2",
+                           "--penalties", "0", "--no-repeat-ngrams", "0", "2", "--cache-dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    settings = [line.split(":")[0] for line in lines[:-1]]
+    assert settings == [f"beam {b} length penalty 0 no repeated {n}-grams" for b in (1, 2) for n in (0, 2)]
+    assert all("repeating a 2-gram" in line for line in lines[:-1])
+    chosen = json.loads(lines[-1].split("decoding.json: ")[1])
+    assert set(chosen) == {"beam_size", "length_penalty", "no_repeat_ngram"} and chosen["no_repeat_ngram"] in (0, 2)

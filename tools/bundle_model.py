@@ -1,7 +1,7 @@
 """Turn a trained run directory into a bundled model of the package (tfcap/models/NAME/).
 
     python tools/bundle_model.py RUN_DIR RECORDS --name NAME --beam-size K --length-penalty A \
-        --summary "..." [--overwrite]
+        [--no-repeat-ngram N] --summary "..." [--overwrite]
 
 Copies vocab.txt and metrics.jsonl, and config.json marked `"encoder_weights": {"from": "imagenet"}`
 (`model.FROM_DEPENDENCY`: the encoder's weights come from the installed package); stores the decoder's best weights in float16 and
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--name", default=pretrained.DEFAULT)
     parser.add_argument("--beam-size", type=int, required=True)
     parser.add_argument("--length-penalty", type=float, required=True)
+    parser.add_argument("--no-repeat-ngram", type=int, default=0, help="n-gram blocking chosen on val (0: none)")
     parser.add_argument("--summary", required=True)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
@@ -55,13 +56,14 @@ def main() -> None:
         (bundle / models.CONFIG).write_text(json.dumps({**saved, "encoder_weights": models.FROM_DEPENDENCY}, indent=2)
                                             + "\n", encoding="utf-8")
         pretrained.store_float16(args.run_dir / models.DECODER_WEIGHTS, bundle / models.DECODER_WEIGHTS)
-        decoding = {"beam_size": args.beam_size, "length_penalty": args.length_penalty}
+        decoding = {"beam_size": args.beam_size, "length_penalty": args.length_penalty,
+                    "no_repeat_ngram": args.no_repeat_ngram}
         (bundle / DECODING).write_text(json.dumps(decoding) + "\n")
 
         full_model, half_model = models.load_model(args.run_dir), models.load_model(bundle)
         batches = cached_batches(full_model, args.records, "val")
-        full = decode(full_model, batches, args.beam_size, args.length_penalty)
-        half = decode(half_model, batches, args.beam_size, args.length_penalty)
+        full = decode(full_model, batches, args.beam_size, args.length_penalty, args.no_repeat_ngram)
+        half = decode(half_model, batches, args.beam_size, args.length_penalty, args.no_repeat_ngram)
         differ = sum(full[k] != half[k] for k in full)
         print(f"float16 weights: {differ} of {len(full)} val captions differ from float32", file=sys.stderr)
 
