@@ -118,7 +118,7 @@ def test_caption_dir_with_nothing_to_do_exits_0_and_changes_nothing(world, tmp_p
     if case.startswith("finished"):
         folder, extra = world.photos, ["--resume"]  # no --format even for .jsonl
         shutil.copy(world.jsonl if "jsonl" in case else world.csv, out)
-    before = out.read_bytes() if out.exists() else b"path,caption,score,error\n"
+    before = out.read_bytes() if out.exists() else b"path,caption,score,confidence,in_domain,typicality,labels,error\n"
     result = ok("caption-dir", folder, "-o", out, "--model", world.run, *extra)
     assert "0 images to caption" in result.stderr and "captioning" not in result.stderr
     assert out.read_bytes() == before

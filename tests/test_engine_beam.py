@@ -108,16 +108,25 @@ def parts(out: Path, suffix: str = "csv") -> list[Path]:
 
 
 def assert_same_rows(beam_rows: list[dict], local_rows: list[dict]) -> None:
+    """The same rows, whatever their order; numbers equal to their last decimal (give or take one: the
+    engines batch images differently, and a batch's arithmetic can move a float's last bits)."""
+    from tfcap import rows
+
     by_path = {r["path"]: r for r in beam_rows}
     assert len(by_path) == len(beam_rows)  # nothing doubled
     assert sorted(by_path) == sorted(r["path"] for r in local_rows)  # nothing lost
     for want in local_rows:
         got = by_path[want["path"]]
+        assert list(got) == list(want) == list(rows.COLUMNS), (got, want)
         assert (got["caption"], got["error"]) == (want["caption"], want["error"]), (got, want)
         if want["score"] in ("", None):
             assert got["score"] in ("", None), got
         else:
             assert abs(float(got["score"]) - float(want["score"])) <= 1e-4, (got, want)
+        labels = [rows.parse_value(rows.BY_COLUMN["labels"], r["labels"], r["path"]) or [] for r in (got, want)]
+        assert [name for name, _ in labels[0]] == [name for name, _ in labels[1]], (got, want)
+        tolerance = 0.011 if isinstance(want["labels"], str) else 1.1e-4  # CSV: 2 decimals; JSON Lines: 4
+        np.testing.assert_allclose([p for _, p in labels[0]], [p for _, p in labels[1]], atol=tolerance)
 
 
 @pytest.mark.parametrize("mode", ["in-process, run directory exported on the fly",
@@ -143,7 +152,8 @@ def test_beam_gives_the_rows_of_the_local_engine(world, tmp_path, mode, monkeypa
     if "two" in mode:
         assert exports == []
     else:  # exported with the local engine's decoding, into a temporary folder that is gone afterwards
-        assert exports == [(root / "run", {"beam_size": 3, "length_penalty": 0.0, "precision": None})]
+        assert exports == [(root / "run", {"beam_size": 3, "length_penalty": 0.0, "no_repeat_ngram": 0, "labels": None,
+                                           "precision": None})]
         assert not written[0].exists()
     rows = [row for part in parts(out) for row in read_csv(part)]
     assert_same_rows(rows, local_rows)
@@ -169,6 +179,31 @@ def test_jsonl_parts_replace_an_existing_out_only_with_overwrite(world, tmp_path
     assert_same_rows(rows, local_rows)
 
 
+def test_beam_rows_carry_the_labels_of_the_local_engine(world, tmp_path):
+    """A SavedModel whose captioner has a classifier (known weights, tests/test_labels.py): both engines
+    write the same labels, and --labels 1 trims them on the workers."""
+    import tensorflow as tf
+
+    from test_labels import labelled_module
+
+    root, photos, _ = world
+    module = labelled_module(root / "run", count=2)
+    saved = tmp_path / "labelled"
+    tf.saved_model.save(module, str(saved), signatures={"serving_default": module.serve})
+    local, out = tmp_path / "local.jsonl", tmp_path / "out"
+    ok("caption-dir", photos, "-o", local, "--model", saved, "--batch-size", "4", "--quiet")
+    local_rows = [json.loads(line) for line in local.read_text().splitlines()]
+    assert all(len(r["labels"]) == 2 for r in local_rows if not r["error"])
+    ok("caption-dir", photos, "-o", out, "--engine", "beam", "--model", saved, "--format", "jsonl", "--batch-size", "4")
+    assert_same_rows([json.loads(line) for part in parts(out, "jsonl") for line in part.read_text().splitlines()],
+                     local_rows)
+    ok("caption-dir", photos, "-o", out, "--engine", "beam", "--model", saved, "--overwrite", "--labels", "1")
+    one = [row for part in parts(out) for row in read_csv(part)]
+    assert all(row["labels"].count(";") == 0 and row["labels"] for row in one if not row["error"])
+    assert {row["path"]: row["labels"].rsplit(" ", 1)[0] for row in one if not row["error"]} == \
+        {row["path"]: row["labels"][0]["name"] for row in local_rows if not row["error"]}
+
+
 @pytest.mark.parametrize("case", ["empty folder", "images only in a subfolder, --no-recursive"])
 def test_nothing_to_caption_exits_0_with_one_header_only_part(world, tmp_path, case):
     root, _, _ = world
@@ -181,7 +216,7 @@ def test_nothing_to_caption_exits_0_with_one_header_only_part(world, tmp_path, c
     out = tmp_path / "out"
     result = ok("caption-dir", tmp_path / "in", "-o", out, "--engine", "beam", "--model", root / "savedmodel", *extra)
     assert "0 images to caption" in result.stderr.strip().splitlines()[-1]
-    assert [p.read_text() for p in parts(out)] == ["path,caption,score,error\n"]  # as the local engine's empty CSV
+    assert [p.read_text() for p in parts(out)] == ["path,caption,score,confidence,in_domain,typicality,labels,error\n"]  # as the local engine's empty CSV
 
 
 def test_without_apache_beam_the_message_names_the_extra(world, tmp_path, monkeypatch):

@@ -87,7 +87,11 @@ def test_commands_use_the_bundled_model_without_model_option(photos, tmp_path):
     assert result.exit_code == 0 and rows(tmp_path / "explicit.csv") == implicit
 
     result = runner.invoke(main, ["caption", str(photos / "p0.jpg")])
-    assert result.exit_code == 0 and result.output.strip() == f"{photos / 'p0.jpg'}\t{implicit[1]['caption']}"
+    row = implicit[1]
+    fields = ("caption", "score", "confidence", "in_domain", "typicality", "labels")
+    assert result.exit_code == 0 and result.output.strip() == "\t".join([str(photos / "p0.jpg"),
+                                                                        *(row[f] for f in fields)])
+    assert row["labels"].count(";") == 2  # the bundled model's classifier: 3 labels per row
 
     result = runner.invoke(main, ["models"])
     assert result.exit_code == 0 and pretrained.DEFAULT in result.output and "(default)" in result.output

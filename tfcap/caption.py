@@ -6,10 +6,11 @@ the encoded batches as they come, so the pipeline encodes batch k+1 while batch 
 file that fails (missing, empty, not an image, truncated, too many pixels) drops out of the
 pipeline and gets an error row in its place; the batch goes on.
 
-Output rows (CSV or JSON Lines): path (relative to the images folder), caption, score (mean
-log-probability per token), error (empty when fine), one per candidate file in walk order. Each
+Output rows (CSV or JSON Lines, `tfcap.rows`): path (relative to the images folder), the
+captioner's per-image outputs (caption, score: the mean log-probability per token, labels: the top
+ImageNet classes, ...), error (empty when fine), one per candidate file in walk order. Each
 batch's rows are appended with a single write and flushed, so a killed run leaves only whole
-rows, and `resume` appends exactly the missing ones.
+rows, and `resume` appends exactly the missing ones, in the columns of the file it completes.
 """
 
 from __future__ import annotations
@@ -24,12 +25,11 @@ from typing import Iterator
 
 import tensorflow as tf
 
-from tfcap import images, records
+from tfcap import images, records, rows as row_fields
 from tfcap.errors import Interrupted, TfcapError
 from tfcap.outputs import OutputLock, refuse_existing
 from tfcap.progress import Stopwatch, progress_bar, summary
-
-COLUMNS = ("path", "caption", "score", "error")
+from tfcap.rows import COLUMNS, format_rows  # noqa: F401  (caption-dir's columns and writer, as before)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,16 +174,17 @@ class BytesCaptioner:
         nothing = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int64), tf.zeros([0, size, size, 3], tf.float32)))
         return loaded.concatenate(nothing).take(1).get_single_element()
 
-    def __call__(self, data: list[bytes]) -> list[tuple[str, float | None, str]]:
-        """(caption, score, error) of each of `data`, in order: ("", None, reason) for a failure."""
-        results: list[tuple[str, float | None, str] | None] = [None] * len(data)
+    def __call__(self, data: list[bytes]) -> list[dict]:
+        """The row of each of `data` but its path ({column: value}: `rows.COLUMNS` less path), in
+        order; a failure's is `rows.failed(reason)`."""
+        results: list[dict | None] = [None] * len(data)
         if data:
             kept, pixels = self._load(tf.constant(data, tf.string, shape=[len(data)]))
             if len(kept):
-                captions, scores = self.captioner.decode(self.captioner.encode(pixels))
-                for k, caption, score in zip(kept.numpy(), captions.numpy(), scores.numpy()):
-                    results[k] = (caption.decode("utf-8"), float(score), "")
-        return [r or ("", None, diagnose_bytes(d, self.max_pixels)) for r, d in zip(results, data)]
+                values = row_fields.from_outputs(self.captioner.decode(self.captioner.encode(pixels)))
+                for k, value in zip(kept.numpy(), values):
+                    results[k] = {**value, "error": ""}
+        return [r or row_fields.failed(diagnose_bytes(d, self.max_pixels)) for r, d in zip(results, data)]
 
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -203,17 +204,6 @@ def output_format(out: Path, fmt: str | None = None) -> str:
     return fmt
 
 
-def format_rows(rows: list[dict], fmt: str) -> str:
-    """Rows with `score` a float (None on error rows) as CSV (4 decimals, empty) or JSON Lines (number, null)."""
-    if fmt == "jsonl":
-        return "".join(json.dumps({**r, "score": None if r["score"] is None else round(r["score"], 4)},
-                                  ensure_ascii=False) + "\n" for r in rows)
-    buffer = io.StringIO()
-    csv.DictWriter(buffer, COLUMNS, lineterminator="\n").writerows(
-        {**r, "score": "" if r["score"] is None else f"{r['score']:.4f}"} for r in rows)
-    return buffer.getvalue()
-
-
 def read_rows(path: Path, fmt: str | None = None) -> list[dict]:
     """Rows of an existing output (CSV or JSON Lines: `fmt`, else by suffix); a cut-off last line is ignored."""
     return parse_rows(Path(path).read_text(encoding="utf-8"), fmt or output_format(path))
@@ -228,28 +218,42 @@ def parse_rows(text: str, fmt: str) -> list[dict]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
-def _open_output(out: Path, fmt: str, overwrite: bool, resume: bool) -> tuple[int, set[str]]:
-    """Prepare `out` for appending; return (its file descriptor, paths already captioned)."""
+def _open_output(out: Path, fmt: str, overwrite: bool, resume: bool) -> tuple[int, set[str], tuple[str, ...]]:
+    """Prepare `out` for appending; return (its file descriptor, paths already captioned, its columns).
+
+    The columns are COLUMNS, or on --resume those of the file (one written by an earlier tfcap may
+    lack newer columns: its rows go on without them, `rows.check_columns`).
+    """
     done: set[str] = set()
+    columns = COLUMNS
     text = out.read_bytes() if resume and out.is_file() else b""
     if text:
         # Check before changing anything: a file that is not ours is left exactly as it is.
-        if fmt == "csv" and not text.startswith((",".join(COLUMNS) + "\n").encode()):
-            raise TfcapError(f"{out} is not a caption-dir CSV (header is not {','.join(COLUMNS)}); cannot --resume")
+        if fmt == "csv":
+            header = text.split(b"\n", 1)[0].decode("utf-8", "replace").split(",")
+            if header[:1] != ["path"] or b"\n" not in text:
+                raise TfcapError(f"{out} is not a caption-dir CSV (header is not {','.join(COLUMNS)}); cannot --resume")
+            columns = row_fields.check_columns(header, str(out))
         if fmt == "jsonl" and not text.lstrip().startswith(b"{"):
             raise TfcapError(f"{out} is not a caption-dir JSON Lines file; cannot --resume")
         keep = text.rfind(b"\n") + 1  # a row cut by a kill has no newline yet: drop it
         try:
-            done = {r["path"] for r in read_rows(out, fmt)}
+            found = read_rows(out, fmt)
+            done = {r["path"] for r in found}
         except (ValueError, KeyError, TypeError, csv.Error) as e:
             raise TfcapError(f"{out} is damaged ({type(e).__name__}: {e}); cannot --resume") from None
+        if fmt == "jsonl" and found:
+            columns = row_fields.check_columns(list(found[0]), str(out))
         if keep < len(text):
             os.truncate(out, keep)
     else:  # new, or an empty file left by a run killed before its header (resume: nothing to keep)
         refuse_existing(out, overwrite or (resume and out.is_file()), "--overwrite (or --resume to complete it)")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(",".join(COLUMNS) + "\n" if fmt == "csv" else "", encoding="utf-8")
-    return os.open(out, os.O_WRONLY | os.O_APPEND), done
+    if columns != COLUMNS:
+        summary(f"caption-dir: {out} has no {', '.join(c for c in COLUMNS if c not in columns)} column (written by "
+                "an earlier tfcap): its new rows leave it out too")
+    return os.open(out, os.O_WRONLY | os.O_APPEND), done, columns
 
 
 def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionConfig = CaptionConfig(), *,
@@ -259,7 +263,7 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
 
     `captioner` is anything with `preprocess_bytes(tf.string []) -> [S, S, 3]`,
     `encode(pixels [B, S, S, 3]) -> features` (usable inside tf.data) and
-    `decode(features) -> (captions tf.string [B], scores tf.float32 [B])`:
+    `decode(features) -> outputs` (a dict of tensors [B, ...]: captions, scores, ...; `tfcap.rows`):
     a `tfcap.export.Predictor` over a run directory or an exported SavedModel. `fmt` (csv, jsonl)
     defaults to the suffix of `out` (see `output_format`).
     """
@@ -270,7 +274,7 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
     all_paths = find_images(images_dir, config.recursive)
     lock = OutputLock(out)  # one writer per output: two would both append the missing rows
     try:
-        fd, done = _open_output(out, fmt, overwrite, resume)
+        fd, done, columns = _open_output(out, fmt, overwrite, resume)
     except BaseException:
         lock.release()
         raise
@@ -278,12 +282,12 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
     clock, counts = Stopwatch(), {"ok": 0, "failed": 0}
 
     def error_row(k: int) -> dict:
-        return {"path": todo[k], "caption": "", "score": None, "error": diagnose(images_dir / todo[k], config.max_pixels)}
+        return {"path": todo[k], **row_fields.failed(diagnose(images_dir / todo[k], config.max_pixels))}
 
     try:
         with progress_bar(len(todo), "captioning", show_progress and bool(todo)) as advance:
             def flush(rows: list[dict]) -> None:
-                os.write(fd, format_rows(rows, fmt).encode("utf-8"))  # one write: whole rows only
+                os.write(fd, format_rows(rows, fmt, columns).encode("utf-8"))  # one write: whole rows only
                 failed = sum(1 for r in rows if r["error"])
                 counts["failed"] += failed
                 counts["ok"] += len(rows) - failed
@@ -291,12 +295,10 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
 
             next_index = 0  # rows are written in walk order: everything before this is written
             for indices, features in feature_batches(images_dir, todo, captioner, config):
-                captions, scores = captioner.decode(features)
                 rows = []
-                for index, caption, score in zip(indices.numpy(), captions.numpy(), scores.numpy()):
+                for index, values in zip(indices.numpy(), row_fields.from_outputs(captioner.decode(features))):
                     rows += [error_row(k) for k in range(next_index, int(index))]  # dropped out before it
-                    rows.append({"path": todo[index], "caption": caption.decode("utf-8"),
-                                 "score": float(score), "error": ""})
+                    rows.append({"path": todo[index], **values, "error": ""})
                     next_index = int(index) + 1
                 flush(rows)
             if next_index < len(todo):  # failures after the last good file
@@ -317,14 +319,13 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
     return {"images": ok + failed, "ok": ok, "failed": failed, "skipped_done": len(done), "seconds": seconds}
 
 
-def iter_captions(captioner, paths: list[Path], config: CaptionConfig = CaptionConfig()) -> Iterator[tuple[str, str, str]]:
-    """(path, caption, error) for a few image files, in the given order (`tfcap caption`)."""
+def iter_captions(captioner, paths: list[Path], config: CaptionConfig = CaptionConfig()) -> Iterator[dict]:
+    """The row of each of a few image files, in the given order (`tfcap caption`): `rows.COLUMNS`,
+    the path as given."""
     paths = [Path(p) for p in paths]
-    results: dict[int, tuple[str, str]] = {}
+    results: dict[int, dict] = {}
     for indices, features in feature_batches(Path("/"), [str(p.resolve()) for p in paths], captioner, config):
-        captions, _ = captioner.decode(features)
-        for index, caption in zip(indices.numpy(), captions.numpy()):
-            results[int(index)] = (caption.decode("utf-8"), "")
+        for index, values in zip(indices.numpy(), row_fields.from_outputs(captioner.decode(features))):
+            results[int(index)] = {"path": str(paths[index]), **values, "error": ""}
     for k, path in enumerate(paths):
-        caption, error = results.get(k) or ("", diagnose(path, config.max_pixels))
-        yield str(path), caption, error
+        yield results.get(k) or {"path": str(path), **row_fields.failed(diagnose(path, config.max_pixels))}

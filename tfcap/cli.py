@@ -255,8 +255,31 @@ def _precision_option(f):
                              "to 1.9x faster on CPUs with AMX or AVX512-BF16; captions can differ in rare cases.")(f)
 
 
+def _no_repeat_ngram_option(f):
+    return click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=None, metavar="N",
+                        help="No phrase of N words twice in a caption; 0: off (default: the model's decoding.json, "
+                             "else 0; fixed for a SavedModel).")(f)
+
+
+def _labels_options(f):
+    f = click.option("--no-labels", is_flag=True, help="No ImageNet labels (same as --labels 0).")(f)
+    return click.option("--labels", "label_count", type=click.IntRange(min=0), default=None, metavar="N",
+                        help="ImageNet labels per image from the encoder's own classifier, most probable first "
+                             "(default 3; a SavedModel: as exported, or fewer). Encoders without one leave them "
+                             "empty.")(f)
+
+
+def _label_count(label_count: int | None, no_labels: bool) -> int | None:
+    """--labels N and --no-labels as one count (None: the default)."""
+    if no_labels and label_count:
+        raise TfcapError("--labels and --no-labels contradict each other")
+    return 0 if no_labels else label_count
+
+
 def _decoding_options(f):
+    f = _labels_options(f)
     f = _precision_option(f)
+    f = _no_repeat_ngram_option(f)
     f = click.option("--length-penalty", type=_NON_NEGATIVE, default=None,
                      help="alpha in sum_logp / length**alpha for ranking beams (default 0).")(f)
     f = click.option("--beam-size", type=_POSITIVE, default=None, help="Beam width; 1 is greedy (default 3).")(f)
@@ -296,10 +319,13 @@ def _default_model(ctx, param, value):
 @click.option("--runner", help="With --engine beam: the Beam runner (default DirectRunner; DataflowRunner, "
               "FlinkRunner, SparkRunner need a SavedModel their workers can read, see tfcap export).")
 @click.argument("pipeline_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- BEAM_OPTION...]")
-def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, precision, fmt, batch_size, max_pixels,
-                        no_recursive, gallery_path, strict, resume, overwrite, quiet, engine, runner, pipeline_args):
+def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, no_repeat_ngram, precision,
+                        label_count, no_labels, fmt, batch_size, max_pixels, no_recursive, gallery_path, strict, resume,
+                        overwrite, quiet, engine, runner, pipeline_args):
     """Caption every image under IMAGES (jpg, png, gif, bmp, webp) into a CSV (--engine beam: a folder of parts)."""
     from tfcap import caption, export, images, outputs
+
+    label_count = _label_count(label_count, no_labels)
 
     config = caption.CaptionConfig(beam_size=beam_size or 3, length_penalty=length_penalty or 0.0,
                                    batch_size=batch_size, max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS,
@@ -315,7 +341,8 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
         engine_module = beam_engine()
         result = engine_module.caption_directory(
             images_dir, out, model_path, config, engine_module.BeamConfig(runner, tuple(pipeline_args)), fmt=fmt,
-            overwrite=overwrite, beam_size=beam_size, length_penalty=length_penalty, precision=precision)
+            overwrite=overwrite, beam_size=beam_size, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram,
+            labels=label_count, precision=precision)
         if strict and result["failed"]:
             sys.exit(1)
         return
@@ -335,7 +362,7 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
         outputs.check_output(gallery_path, overwrite or resume, {**inputs, "output": out})
     caption.find_images(images_dir, config.recursive)
     predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
-                                      precision=precision)
+                                      no_repeat_ngram=no_repeat_ngram, labels=label_count, precision=precision)
     result = caption.caption_directory(predictor, images_dir, out, config, fmt=fmt, overwrite=overwrite,
                                        resume=resume, show_progress=not quiet)
     if gallery_path:
@@ -349,20 +376,22 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
 @main.command("caption")
 @click.argument("image_paths", metavar="IMAGE...", type=PathArg, nargs=-1, required=True)
 @_decoding_options
-def caption_command(image_paths, model_path, beam_size, length_penalty, precision):
-    """Print PATH<TAB>CAPTION for a few images (errors go to stderr, exit 1)."""
-    from tfcap import caption, export
+def caption_command(image_paths, model_path, beam_size, length_penalty, no_repeat_ngram, precision, label_count,
+                    no_labels):
+    """Print PATH<TAB>CAPTION<TAB>SCORE<TAB>LABELS for a few images (errors go to stderr, exit 1)."""
+    from tfcap import caption, export, rows
 
     predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
+                                      no_repeat_ngram=no_repeat_ngram, labels=_label_count(label_count, no_labels),
                                       precision=precision)
     config = caption.CaptionConfig(beam_size=beam_size or 3, length_penalty=length_penalty or 0.0)
     failed = 0
-    for path, text_, error in caption.iter_captions(predictor, list(image_paths), config):
-        if error:
+    for row in caption.iter_captions(predictor, list(image_paths), config):
+        if row["error"]:
             failed += 1
-            click.echo(f"{path}: {error}", err=True)
+            click.echo(f"{row['path']}: {row['error']}", err=True)
         else:
-            click.echo(f"{path}\t{text_}")
+            click.echo(rows.tab_line(row["path"], row))
     if failed:
         sys.exit(1)
 
@@ -373,21 +402,28 @@ def caption_command(image_paths, model_path, beam_size, length_penalty, precisio
               help="SavedModel folder to write (or gs://...: for the workers of caption-dir --engine beam).")
 @click.option("--beam-size", type=_POSITIVE, default=None, help="Default: the run's decoding.json, else 3.")
 @click.option("--length-penalty", type=_NON_NEGATIVE, default=None, help="Default: the run's decoding.json, else 0.")
+@_no_repeat_ngram_option
 @_precision_option
+@_labels_options
 @click.option("--overwrite", is_flag=True)
-def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite):
-    """Export RUN_DIR (default: the bundled model) as a SavedModel: image bytes in, captions and scores out."""
+def export_command(run_dir, out, beam_size, length_penalty, no_repeat_ngram, precision, label_count, no_labels,
+                   overwrite):
+    """Export RUN_DIR (default: the bundled model) as a SavedModel: image bytes in, captions, scores and labels out."""
+    import dataclasses
+
     from tfcap import export, outputs
     from tfcap.progress import Stopwatch, summary
 
+    label_count = _label_count(label_count, no_labels)
     if not export.is_url(out):
         outputs.check_output(out, overwrite, {"run directory": run_dir})
-    beam_size, length_penalty = export.run_decoding(run_dir, beam_size, length_penalty)
+    decoding = export.run_decoding(run_dir, beam_size, length_penalty, no_repeat_ngram)
     clock = Stopwatch()
-    export.export(run_dir, out, beam_size=beam_size, length_penalty=length_penalty, precision=precision,
+    export.export(run_dir, out, **dataclasses.asdict(decoding), labels=label_count, precision=precision,
                   overwrite=overwrite)
-    summary(f"export: {run_dir} -> {out} (beam size {beam_size}, length penalty {length_penalty:g}) "
-            f"in {clock.seconds:.1f} s")
+    labels = export.run_labels(run_dir, label_count)
+    summary(f"export: {run_dir} -> {out} (beam size {decoding.beam_size}, length penalty {decoding.length_penalty:g}, "
+            f"no repeated {decoding.no_repeat_ngram}-grams, {labels} labels) in {clock.seconds:.1f} s")
 
 
 @main.command("gallery")
@@ -422,6 +458,7 @@ def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, 
               help="Split to caption or to take references from (default: test; with --predictions, all splits).")
 @click.option("--beam-size", type=_POSITIVE, default=None, help="Beam width (default 3; fixed for a SavedModel).")
 @click.option("--length-penalty", type=_NON_NEGATIVE, default=None)
+@_no_repeat_ngram_option
 @_precision_option
 @click.option("--batch-size", type=_POSITIVE, default=32, show_default=True)
 @click.option("--no-meteor", is_flag=True, help="Skip METEOR (it starts Java: about 15 s).")
@@ -431,7 +468,7 @@ def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, 
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate_command(records_dir, model_path, predictions, references, human_baseline, split, beam_size,
-                     length_penalty, precision, batch_size, no_meteor, out, overwrite, quiet):
+                     length_penalty, no_repeat_ngram, precision, batch_size, no_meteor, out, overwrite, quiet):
     """Score captions with BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (coco-caption definitions).
 
     \b
@@ -456,7 +493,8 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
                                           "predictions file": predictions, "references": references})
     if model_path:
         result = evaluate.run_model(model_path, records_dir, split, beam_size=beam_size, length_penalty=length_penalty,
-                                    precision=precision, batch_size=batch_size, meteor=not no_meteor, show_progress=not quiet)
+                                    no_repeat_ngram=no_repeat_ngram, precision=precision, batch_size=batch_size,
+                                    meteor=not no_meteor, show_progress=not quiet)
     else:
         refs_path = references or records_dir
         if refs_path is None:

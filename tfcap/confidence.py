@@ -198,12 +198,13 @@ def build_matcher(vocab_size: int, config: ConfidenceConfig, feature_dim: int) -
 
 def save(run_dir: Path, matcher: Matcher, config: ConfidenceConfig, coefficients: np.ndarray, bank: np.ndarray,
          val_distances: np.ndarray, prior: dict[str, np.ndarray], report: dict) -> None:
-    """confidence.h5 then confidence.json (the marker that the fit is complete), each atomically."""
+    """confidence.h5 then confidence.json (the marker that the fit is complete), each atomically.
+    Arrays are stored in float16 but the validation distances: a wheel carries the bundled model's."""
     run_dir = Path(run_dir)
     scratch = run_dir / f".{WEIGHTS}.partial"
     with h5py.File(scratch, "w") as f:
         for k, variable in enumerate(matcher.weights):  # by position: Keras numbers its GRU cells per process
-            f.create_dataset(f"matcher/{k:03d}", data=variable.numpy())
+            f.create_dataset(f"matcher/{k:03d}", data=variable.numpy().astype(np.float16))  # half the bytes
         f.create_dataset("bank", data=bank.astype(np.float16))
         f.create_dataset("val_distances", data=val_distances.astype(np.float32))
         for key, value in prior.items():

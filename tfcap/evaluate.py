@@ -103,7 +103,7 @@ def caption_split(predictor, records_dir: Path, split: str, batch_size: int = 32
     hypotheses = {}
     with progress_bar(count, f"captioning {split}", show_progress) as advance:
         for image_ids, pixels in batches:
-            captions, _ = predictor.caption_pixels(pixels)
+            captions = predictor.caption_pixels(pixels)["captions"]
             hypotheses.update({i.decode(): c.decode("utf-8") for i, c in zip(image_ids.numpy(), captions.numpy())})
             advance(len(image_ids))
     return hypotheses
@@ -179,12 +179,14 @@ def write_results(out: Path, result: Evaluation, overwrite: bool = False) -> Pat
 
 
 def run_model(model_path: Path, records_dir: Path, split: str, *, beam_size: int | None, length_penalty: float | None,
-              batch_size: int, precision: str | None = None, meteor: bool, show_progress: bool) -> Evaluation:
-    """Caption a records split with a run directory or SavedModel and score it."""
+              batch_size: int, no_repeat_ngram: int | None = None, precision: str | None = None, meteor: bool,
+              show_progress: bool) -> Evaluation:
+    """Caption a records split with a run directory or SavedModel and score it (no labels: nothing scores them)."""
     from tfcap.export import load_predictor
 
     records.shard_paths(records_dir, split)  # a wrong folder or split fails before the model loads
-    predictor = load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty, precision=precision)
+    predictor = load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
+                               no_repeat_ngram=no_repeat_ngram, labels=0, precision=precision)
     clock = Stopwatch()
     hypotheses = caption_split(predictor, records_dir, split, batch_size, show_progress)
     seconds = clock.seconds

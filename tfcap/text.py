@@ -138,6 +138,11 @@ class Vocabulary(tf.Module):
         return tf.strings.reduce_join(words, axis=1, separator=" ")
 
 
+def caption_words(texts: tf.Tensor, config: TextConfig) -> tf.Tensor:
+    """Raw captions tf.string [N] -> their words tf.string [N, max_length], truncated, "" past the end."""
+    return tokenize(texts, config)[:, : config.max_length].to_tensor(default_value="", shape=[None, config.max_length])
+
+
 def encode_captions(texts: tf.Tensor, vocab: Vocabulary, config: TextConfig) -> tuple[tf.RaggedTensor, tf.Tensor]:
     """Raw captions -> truncated word ids, and which captions were truncated.
 

@@ -4,6 +4,7 @@
     python tools/bench_caption.py fold [--encoder xception] [--batch 32] [--repeats 5] [--precision P]
     python tools/bench_caption.py rss IMAGES --model RUN_DIR [--small 500] [--large 5000]
     python tools/bench_caption.py beam [--vocab 3000] [--batch 32] [--steps 20] [--baseline REV] [--threads N]
+                                       [--no-repeat-ngram N]
 
 speed: on the first --images files of IMAGES (sorted), with the captioner of --model RUN_DIR, measures
 images/s of
@@ -26,7 +27,9 @@ to 4x faster than it is on real captions. The benchmark warns when (c)'s caption
 beam: beam search alone (beam 3) on a random-init merge decoder step (vocabulary --vocab, --batch
 images, exactly --steps steps: `<end>` is never chosen), against the same decoder steps run without
 search (argmax tokens, no reordering) and greedy decoding; with --baseline REV, also the beam search
-of tfcap/decoding.py (tfcap/beam.py before it was renamed) at git revision REV, interleaved in the same process, and the speed-up over it.
+of tfcap/decoding.py (tfcap/beam.py before it was renamed) at git revision REV, interleaved in the same process, and the speed-up over it
+(its results must equal today's, bit for bit); with --no-repeat-ngram N, also beam 3 blocking repeated N-grams
+(`decoding._block_repeats`) and its cost over plain beam 3.
 
 fold: the encoder alone on one random batch (--batch, default 32) in memory, with BatchNorm as Keras
 builds it against BatchNorm folded into the convolutions (what caption-dir runs), interleaved;
@@ -303,6 +306,9 @@ def beam_speed(args) -> None:
                   "beam 3": searcher(decoding.beam_search, beam_size=k)}
     if args.baseline:
         contenders[f"beam 3 at {args.baseline}"] = searcher(load_beam(args.baseline).beam_search, beam_size=k)
+    blocked = f"beam 3, no repeated {args.no_repeat_ngram}-gram"
+    if args.no_repeat_ngram:
+        contenders[blocked] = searcher(decoding.beam_search, beam_size=k, no_repeat_ngram=args.no_repeat_ngram)
     for name, fn in contenders.items():  # trace and warm up
         out = fn(pooled)
         if name.startswith("beam"):
@@ -330,6 +336,9 @@ def beam_speed(args) -> None:
         print(f"  beam 3 at {args.baseline} / now = {old / medians['beam 3']:.2f}x (overhead "
               f"{(old - floor) * 1e3:.1f} -> {(medians['beam 3'] - floor) * 1e3:.1f} ms per batch); minimums: "
               f"{min(times[f'beam 3 at {args.baseline}']) / min(times['beam 3']):.2f}x")
+    if args.no_repeat_ngram:
+        print(f"  {blocked} / beam 3 = {medians[blocked] / medians['beam 3']:.3f}x "
+              f"(+{(medians[blocked] - medians['beam 3']) * 1e3:.1f} ms per batch)")
 
 
 def main() -> None:
@@ -352,6 +361,8 @@ def main() -> None:
                         "keeps the run's); fold: the encoders' (default float32)")
     parser.add_argument("--threads", type=int, default=0, help="beam: TensorFlow intra- and inter-op threads "
                         "(0: TensorFlow's default; 1 is steadier on a busy machine)")
+    parser.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                        help="beam: also time beam 3 with no repeated N-gram")
     args = parser.parse_args()
     if args.mode in ("speed", "rss") and not args.model:
         parser.error(f"{args.mode} needs --model RUN_DIR")

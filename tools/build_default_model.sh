@@ -21,10 +21,15 @@ tfcap train "$W/records" -o "$W/xe" --overwrite --encoder efficientnet_lite2 --d
 #    8 epochs at 1e-4; the best epoch by validation CIDEr-D (7 when it was built).
 tfcap train "$W/records" -o "$W/scst" --overwrite --objective scst --init "$W/xe" --epochs 8 \
   --samples 5 --baseline mean --learning-rate 1e-4 --lr-schedule constant --select cider
-# 3. Beam size and length penalty chosen on val.
-python tools/choose_decoding.py "$W/scst" "$W/records" --beams 1 3 5 --penalties 0 0.5 1 | tee "$W/decoding.txt"
+# 3. Beam size, length penalty and n-gram blocking chosen on val.
+python tools/choose_decoding.py "$W/scst" "$W/records" --beams 1 3 5 --penalties 0 0.5 1 --no-repeat-ngrams 0 2 3 \
+  | tee "$W/decoding.txt"
 BEAM=$(sed -n 's/.*--beam-size \([0-9]*\).*/\1/p' "$W/decoding.txt" | tail -1)
 PENALTY=$(sed -n 's/.*--length-penalty \([0-9.]*\).*/\1/p' "$W/decoding.txt" | tail -1)
-# 4. Into the package: float16 decoder weights (checked on val), test scores in card.json.
+NGRAM=$(sed -n 's/.*--no-repeat-ngram \([0-9]*\).*/\1/p' "$W/decoding.txt" | tail -1)
+# 4. The confidence of its captions: an image-caption matcher on train, calibrated on val (tfcap.confidence).
+tfcap fit-confidence "$W/scst" "$W/records" --overwrite
+# 5. Into the package: float16 decoder weights (checked on val), test scores in card.json.
 python tools/bundle_model.py "$W/scst" "$W/records" --overwrite --beam-size "$BEAM" --length-penalty "$PENALTY" \
+  --no-repeat-ngram "$NGRAM" \
   --summary "EfficientNet-Lite2 (ImageNet, frozen) + merge LSTM decoder (512), cross-entropy then self-critical (CIDEr-D) on Flickr8k's 6,000 training photos"
