@@ -18,12 +18,13 @@ exported before `encode`/`decode` existed still work through `caption_pixels`.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import tensorflow as tf
 
-from tfcap import model as models
+from tfcap import model as models, pretrained
 from tfcap.errors import TfcapError
 from tfcap.outputs import atomic_directory
 
@@ -73,7 +74,7 @@ class ServingModule(tf.Module):
         return self._caption_pixels(pixels)
 
 
-DECODING = "decoding.json"
+DECODING = pretrained.DECODING
 
 
 def serving_module(run_dir: Path, beam_size: int, length_penalty: float, precision: str | None) -> ServingModule:
@@ -111,7 +112,8 @@ class Predictor:
     - `preprocess_bytes(tf.string []) -> [S, S, 3]`
     - `encode(pixels [B, S, S, 3]) -> features` (a dict of tensors [B, ...]; graph-safe, so it can run
       inside a tf.data pipeline) and `decode(features) -> (captions tf.string [B], scores tf.float32 [B])`
-    - `caption_pixels(pixels) -> (captions, scores)`, the two together.
+    - `caption_pixels(pixels) -> (captions, scores)`, the two together;
+    - called on images (paths, bytes, arrays, PIL images, or a list of them), `tfcap.Caption`s.
 
     Over a SavedModel exported without `encode`/`decode`, `encode` passes the pixels through and
     `decode` runs the whole `caption_pixels`.
@@ -135,6 +137,17 @@ class Predictor:
         out = self._owner.caption_pixels(pixels)
         return out["captions"], out["scores"]
 
+    def __call__(self, images):
+        """Caption images as `tfcap.Captioner` does: a path, image bytes, a uint8 array, a PIL image
+        (a `tfcap.Caption`), or a list of them (a list of Captions)."""
+        return self._captioner(images)
+
+    @functools.cached_property
+    def _captioner(self):
+        from tfcap.api import Captioner
+
+        return Captioner(self)
+
 
 def is_url(location) -> bool:
     """Whether a --model, IMAGES or --out is a URL of a file system (gs://, s3://, hdfs://) rather than a local path."""
@@ -150,12 +163,14 @@ def run_decoding(run_dir: Path, beam_size: int | None = None, length_penalty: fl
             length_penalty if length_penalty is not None else chosen.get("length_penalty", 0.0))
 
 
-def load_predictor(path: Path | str, *, beam_size: int | None = None, length_penalty: float | None = None,
-                   precision: str | None = None) -> Predictor:
+def load_predictor(path: Path | str | None = None, *, beam_size: int | None = None,
+                   length_penalty: float | None = None, precision: str | None = None) -> Predictor:
     """A predictor over a run directory (decoding settings and the encoder's precision from the
     arguments; default as `run_decoding` and the run's precision) or an exported SavedModel, local
     or at a URL TensorFlow's file systems read (gs://; all settings fixed at export; asking for others
-    is an error)."""
+    is an error); with no path, over the bundled model (`tfcap.pretrained`)."""
+    if path is None:
+        path = pretrained.path()
     if is_url(path):
         return _saved_model_predictor(path, beam_size, length_penalty, precision)
     path = Path(path)
