@@ -111,7 +111,7 @@ class Captioner:
             self.predictor = export.load_predictor(model, beam_size=beam_size, length_penalty=length_penalty,
                                                    precision=precision, **options)
         self.model, self.batch_size = model, batch_size
-        self._captioner = caption.BytesCaptioner(self.predictor, max_pixels or images.DEFAULT_MAX_PIXELS)
+        self._bytes_captioner = caption.BytesCaptioner(self.predictor, max_pixels or images.DEFAULT_MAX_PIXELS)
         self._to_png = _png_encoder()
 
     @property
@@ -126,6 +126,7 @@ class Captioner:
                 f"length_penalty={self.settings['length_penalty']:g})")
 
     def __call__(self, images):
+        """A Caption for one image, a list of Captions for a list or tuple of images (see the class)."""
         if isinstance(images, (list, tuple)):
             return self._caption(list(images))
         (result,) = self._caption([images])
@@ -139,7 +140,7 @@ class Captioner:
         for start in range(0, len(items), self.batch_size):
             data = self._encoded(items[start:start + self.batch_size])
             loadable = [d for d in data if isinstance(d, bytes)]
-            rows = (_row(r) for r in self._captioner(loadable))
+            rows = (_row(r) for r in self._bytes_captioner(loadable))
             results += [Caption.from_row(next(rows)) if isinstance(d, bytes) else Caption("", error=d) for d in data]
         return results
 
