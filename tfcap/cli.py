@@ -1,12 +1,12 @@
 """The `tfcap` command line: a thin layer over the library.
 
 Each command parses its options into the library's config dataclasses and calls one library
-function. TensorFlow is imported inside the commands, so `tfcap --help` is instant.
+function. TensorFlow is imported (quietly, `tfcap.quiet`) only when a command that needs it runs,
+after click has parsed its arguments: `--help`, a usage error and `tfcap models` answer at once.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -14,6 +14,7 @@ import click
 
 import tfcap
 from tfcap.errors import TfcapError
+from tfcap.quiet import import_tensorflow
 
 # encoder.PRECISIONS without "auto", and encoder.ARCHITECTURES (spelled out: importing tfcap.encoder
 # imports TensorFlow, too slow for --help; tests/test_cli.py keeps them equal).
@@ -21,27 +22,6 @@ _PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 _ARCHITECTURES = ("xception", "mobilenet", "inception_v3", "vgg16", "efficientnet_lite0", "efficientnet_lite1",
                   "efficientnet_lite2", "convnet")
 _STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")  # distribute.STRATEGIES
-
-
-
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow without its C++ start-up chatter (CUDA probing, oneDNN notes).
-
-    Part of it is logged before TensorFlow reads TF_CPP_MIN_LOG_LEVEL, so stderr is silenced at
-    the file-descriptor level during the import only. A user who sets TF_CPP_MIN_LOG_LEVEL sees all.
-    """
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
-        return
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 class _UserError(click.ClickException):
@@ -54,10 +34,20 @@ def _os_error_message(e: OSError) -> str:
     return f"{where}{e.strerror or e}" if e.strerror else f"{type(e).__name__}: {e}"
 
 
+class _Command(click.Command):
+    """A command that imports TensorFlow quietly when it runs, once its arguments are parsed."""
+
+    def invoke(self, ctx):
+        import_tensorflow()
+        return super().invoke(ctx)
+
+
 class _Group(click.Group):
     """Turns library errors about the user's input into `Error: ...` and exit code 2, file system
     errors at write time into one line too, and Ctrl-C into one line and exit code 130 (the shell's
-    code for SIGINT) instead of click's `Aborted!` and 1."""
+    code for SIGINT) instead of click's `Aborted!` and 1. Its commands are `_Command`s."""
+
+    command_class = _Command
 
     def invoke(self, ctx):
         try:
@@ -101,8 +91,6 @@ _NON_NEGATIVE = click.FloatRange(min=0)  # a negative length penalty would fail 
 @click.version_option(tfcap.__version__, prog_name="tfcap")
 def main():
     """Train CNN-LSTM image captioners and caption whole image collections fast."""
-    if not any(a in ("-h", "--help", "--version") for a in sys.argv[1:]):
-        _import_tensorflow_quietly()
 
 
 @main.command("build-records")
@@ -255,10 +243,22 @@ def _precision_option(f):
                              "to 1.9x faster on CPUs with AMX or AVX512-BF16; captions can differ in rare cases.")(f)
 
 
+def _search_default(key: str, fallback: float) -> str:
+    """Option help on a decoding setting's default: the model's decoding.json, and what the bundled
+    model's says (read without TensorFlow, so the help shows the real value)."""
+    from tfcap import pretrained
+
+    try:
+        bundled = f"; the bundled model's: {pretrained.decoding().get(key, fallback):g}"
+    except TfcapError:  # no bundled model in this installation
+        bundled = ""
+    return f"default: the model's decoding.json, else {fallback:g}{bundled}"
+
+
 def _no_repeat_ngram_option(f):
     return click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=None, metavar="N",
-                        help="No phrase of N words twice in a caption; 0: off (default: the model's decoding.json, "
-                             "else 0; fixed for a SavedModel).")(f)
+                        help="No phrase of N words twice in a caption; 0: off "
+                             f"({_search_default('no_repeat_ngram', 0)}; fixed for a SavedModel).")(f)
 
 
 def _labels_options(f):
@@ -276,13 +276,17 @@ def _label_count(label_count: int | None, no_labels: bool) -> int | None:
     return 0 if no_labels else label_count
 
 
-def _decoding_options(f):
-    f = _labels_options(f)
-    f = _precision_option(f)
+def _search_options(f):
     f = _no_repeat_ngram_option(f)
     f = click.option("--length-penalty", type=_NON_NEGATIVE, default=None,
-                     help="alpha in sum_logp / length**alpha for ranking beams (default 0).")(f)
-    f = click.option("--beam-size", type=_POSITIVE, default=None, help="Beam width; 1 is greedy (default 3).")(f)
+                     help="alpha in sum_logp / length**alpha for ranking beams "
+                     f"({_search_default('length_penalty', 0)}).")(f)
+    return click.option("--beam-size", type=_POSITIVE, default=None,
+                        help=f"Beam width; 1 is greedy ({_search_default('beam_size', 3)}).")(f)
+
+
+def _decoding_options(f):
+    f = _search_options(_precision_option(_labels_options(f)))
     return click.option("--model", "model_path", type=LocationArg, callback=_default_model,
                         help="Run directory from tfcap train, or a SavedModel from tfcap export, local or "
                         "gs://... (default: the bundled model, see tfcap models).")(f)
@@ -400,9 +404,7 @@ def caption_command(image_paths, model_path, beam_size, length_penalty, no_repea
 @click.argument("run_dir", metavar="[RUN_DIR]", type=PathArg, required=False, callback=_default_model)
 @click.option("-o", "--out", type=LocationArg, required=True,
               help="SavedModel folder to write (or gs://...: for the workers of caption-dir --engine beam).")
-@click.option("--beam-size", type=_POSITIVE, default=None, help="Default: the run's decoding.json, else 3.")
-@click.option("--length-penalty", type=_NON_NEGATIVE, default=None, help="Default: the run's decoding.json, else 0.")
-@_no_repeat_ngram_option
+@_search_options
 @_precision_option
 @_labels_options
 @click.option("--overwrite", is_flag=True)
@@ -456,9 +458,7 @@ def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, 
 @click.option("--human-baseline", is_flag=True, help="Score each image's first reference against the others.")
 @click.option("--split", default=None,
               help="Split to caption or to take references from (default: test; with --predictions, all splits).")
-@click.option("--beam-size", type=_POSITIVE, default=None, help="Beam width (default 3; fixed for a SavedModel).")
-@click.option("--length-penalty", type=_NON_NEGATIVE, default=None)
-@_no_repeat_ngram_option
+@_search_options
 @_precision_option
 @click.option("--batch-size", type=_POSITIVE, default=32, show_default=True)
 @click.option("--no-meteor", is_flag=True, help="Skip METEOR (it starts Java: about 15 s).")
@@ -558,7 +558,7 @@ def fit_confidence_command(run_dir, records_dir, epochs, cache_dir, overwrite, q
                    cache_dir=cache_dir, show_progress=not quiet)
 
 
-@main.command("models")
+@main.command("models", cls=click.Command)  # reads the model cards: no TensorFlow
 def models_command():
     """The captioners bundled with tfcap: what they were trained on, their scores, their licence."""
     from tfcap import pretrained

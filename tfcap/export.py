@@ -23,12 +23,13 @@ give the same captions. SavedModels exported before `encode`/`decode` existed st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
 import tensorflow as tf
 
-from tfcap import labels as imagenet_labels, model as models, text
+from tfcap import labels as imagenet_labels, model as models, pretrained, text
 from tfcap.errors import TfcapError
 from tfcap.outputs import atomic_directory
 
@@ -100,7 +101,7 @@ class ServingModule(tf.Module):
         return self._caption_pixels(pixels)
 
 
-DECODING = "decoding.json"
+DECODING = pretrained.DECODING
 
 
 def serving_module(run_dir: Path, decoding: Decoding, precision: str | None, labels: int | None = None) -> ServingModule:
@@ -143,7 +144,8 @@ class Predictor:
       inside a tf.data pipeline) and `decode(features) -> outputs`, the per-image outputs of
       `model.Captioner.describe` (a dict of tensors [B, ...]: captions, scores, labels, ...; `tfcap.rows`
       turns them into rows), those the model has;
-    - `caption_pixels(pixels) -> outputs`, the two together.
+    - `caption_pixels(pixels) -> outputs`, the two together;
+    - called on images (paths, bytes, arrays, PIL images, or a list of them), `tfcap.Caption`s.
 
     labels: how many labels per image `decode` returns, at most what the model returns (settings["labels"]).
     Over a SavedModel exported without `encode`/`decode`, `encode` passes the pixels through and
@@ -188,6 +190,17 @@ class Predictor:
                     del outputs[key]
         return outputs
 
+    def __call__(self, images):
+        """Caption images as `tfcap.Captioner` does: a path, image bytes, a uint8 array, a PIL image
+        (a `tfcap.Caption`), or a list of them (a list of Captions)."""
+        return self._captioner(images)
+
+    @functools.cached_property
+    def _captioner(self):
+        from tfcap.api import Captioner
+
+        return Captioner(self)
+
 
 def is_url(location) -> bool:
     """Whether a --model, IMAGES or --out is a URL of a file system (gs://, s3://, hdfs://) rather than a local path."""
@@ -212,14 +225,17 @@ def run_labels(run_dir: Path, labels: int | None = None) -> int:
     return imagenet_labels.count(labels, len(imagenet_labels.class_names()))
 
 
-def load_predictor(path: Path | str, *, beam_size: int | None = None, length_penalty: float | None = None,
+def load_predictor(path: Path | str | None = None, *, beam_size: int | None = None, length_penalty: float | None = None,
                    no_repeat_ngram: int | None = None, labels: int | None = None,
                    precision: str | None = None) -> Predictor:
     """A predictor over a run directory (decoding settings and the encoder's precision from the
     arguments; default as `run_decoding` and the run's precision; labels: per image, default
     `labels.DEFAULT_COUNT`, 0 for none, none either without a classifier) or an exported SavedModel,
     local or at a URL TensorFlow's file systems read (gs://; all settings fixed at export; asking for
-    others, or for more labels than it has, is an error; fewer labels are fine)."""
+    others, or for more labels than it has, is an error; fewer labels are fine); with no path, over the
+    bundled model (`tfcap.pretrained`)."""
+    if path is None:
+        path = pretrained.path()
     asked = {"beam_size": beam_size, "length_penalty": length_penalty, "no_repeat_ngram": no_repeat_ngram,
              "encoder_precision": precision}
     if is_url(path):
