@@ -156,7 +156,7 @@ def test_refuses_to_overwrite(data, tmp_path):
 @pytest.mark.parametrize("content, name, message", [
     (None, "absent.csv", "does not exist"),
     ("image,caption\na.jpg,hello\n", "p.csv", "missing column"),
-    ('{"path": "a.jpg"}\n{oops\n', "p.jsonl", r"p.jsonl:2: not valid JSON"),
+    ('{"path": "a.jpg", "caption": "hi"}\n{oops\n', "p.jsonl", r"p.jsonl:2: not valid JSON"),
     ('["a.jpg"]\n', "p.jsonl", "JSON object"),
     ("path,caption,score,error\na.jpg,hi,high,\n", "p.csv", "not a number"),
 ])

@@ -6,7 +6,8 @@ the encoded batches as they come, so the pipeline encodes batch k+1 while batch 
 file that fails (missing, empty, not an image, truncated, too many pixels) drops out of the
 pipeline and gets an error row in its place; the batch goes on.
 
-Output rows (CSV or JSON Lines, `tfcap.rows`): path (relative to the images folder), the
+Output rows (CSV or JSON Lines, `tfcap.rows`): path (relative to the images folder; a name that is
+not UTF-8 spelled as `tfcap.names` says), the
 captioner's per-image outputs (caption, score: the mean log-probability per token, labels: the top
 ImageNet classes, ...), error (empty when fine), one per candidate file in walk order. Each
 batch's rows are appended with a single write and flushed, so a killed run leaves only whole
@@ -25,7 +26,7 @@ from typing import Iterator
 
 import tensorflow as tf
 
-from tfcap import images, records, rows as row_fields
+from tfcap import images, names, records, rows as row_fields
 from tfcap.errors import Interrupted, TfcapError
 from tfcap.outputs import OutputLock, refuse_existing
 from tfcap.progress import Stopwatch, progress_bar, summary
@@ -50,7 +51,8 @@ def is_image_name(name: str) -> bool:
 
 
 def find_images(root: Path, recursive: bool = True) -> list[str]:
-    """Image files under `root` (by extension, any case), as sorted relative POSIX paths.
+    """Image files under `root` (by extension, any case), as sorted relative POSIX paths, spelled as
+    outputs hold them (`names.to_text`: a name that is not UTF-8 has its odd bytes as `\\xHH`).
 
     Symlinked folders are followed once each: a folder already visited (same device and inode)
     is not entered again, so symlink loops end.
@@ -70,7 +72,7 @@ def find_images(root: Path, recursive: bool = True) -> list[str]:
             continue
         visited.add((stat.st_dev, stat.st_ino))
         relative = Path(folder).relative_to(root)
-        found.extend((relative / f).as_posix() for f in files if is_image_name(f))
+        found.extend(names.to_text((relative / f).as_posix()) for f in files if is_image_name(f))
         subfolders.sort()
         if not recursive:
             subfolders[:] = []
@@ -121,8 +123,9 @@ def pixel_batches(root: Path, paths: list[str], preprocess, config: CaptionConfi
     def load(index, path):
         return index, checked_pixels(tf.io.read_file(path), preprocess, config.max_pixels)
 
-    # shape=[n]: with no paths at all, an empty string vector (not a float one), so nothing to do is no error
-    full = tf.constant([str(Path(root) / p) for p in paths], tf.string, shape=[len(paths)])
+    # shape=[n]: with no paths at all, an empty string vector (not a float one), so nothing to do is no error.
+    # Bytes, not str: a file name need not be UTF-8.
+    full = tf.constant([os.fsencode(names.join(root, p)) for p in paths], tf.string, shape=[len(paths)])
     return (records.without_autotuning(tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64),
                                                                            full)))
             .map(load, num_parallel_calls=tf.data.AUTOTUNE)
@@ -282,7 +285,7 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
     clock, counts = Stopwatch(), {"ok": 0, "failed": 0}
 
     def error_row(k: int) -> dict:
-        return {"path": todo[k], **row_fields.failed(diagnose(images_dir / todo[k], config.max_pixels))}
+        return {"path": todo[k], **row_fields.failed(diagnose(names.path(images_dir, todo[k]), config.max_pixels))}
 
     try:
         with progress_bar(len(todo), "captioning", show_progress and bool(todo)) as advance:
@@ -321,11 +324,12 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
 
 def iter_captions(captioner, paths: list[Path], config: CaptionConfig = CaptionConfig()) -> Iterator[dict]:
     """The row of each of a few image files, in the given order (`tfcap caption`): `rows.COLUMNS`,
-    the path as given."""
+    the path as given, spelled as outputs spell names (`names.to_text`)."""
     paths = [Path(p) for p in paths]
     results: dict[int, dict] = {}
-    for indices, features in feature_batches(Path("/"), [str(p.resolve()) for p in paths], captioner, config):
+    absolute = [names.to_text(p.resolve()) for p in paths]
+    for indices, features in feature_batches(Path("/"), absolute, captioner, config):
         for index, values in zip(indices.numpy(), row_fields.from_outputs(captioner.decode(features))):
-            results[int(index)] = {"path": str(paths[index]), **values, "error": ""}
+            results[int(index)] = {"path": names.to_text(paths[index]), **values, "error": ""}
     for k, path in enumerate(paths):
-        yield results.get(k) or {"path": str(path), **row_fields.failed(diagnose(path, config.max_pixels))}
+        yield results.get(k) or {"path": names.to_text(path), **row_fields.failed(diagnose(path, config.max_pixels))}

@@ -385,6 +385,9 @@ def caption_command(image_paths, model_path, beam_size, length_penalty, no_repea
     """Print PATH<TAB>CAPTION<TAB>SCORE<TAB>LABELS for a few images (errors go to stderr, exit 1)."""
     from tfcap import caption, export, rows
 
+    folder = next((p for p in image_paths if p.is_dir()), None)
+    if folder is not None:  # before the model loads
+        raise TfcapError(f"{folder} is a folder; use tfcap caption-dir {folder} -o captions.csv")
     predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
                                       no_repeat_ngram=no_repeat_ngram, labels=_label_count(label_count, no_labels),
                                       precision=precision)
@@ -453,7 +456,8 @@ def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, 
 @main.command("evaluate")
 @click.argument("records_dir", metavar="[RECORDS]", type=PathArg, required=False)
 @click.option("--model", "model_path", type=PathArg, help="Run directory or SavedModel: caption RECORDS' split.")
-@click.option("--predictions", type=PathArg, help="Score an existing caption-dir CSV/JSONL instead.")
+@click.option("--predictions", type=PathArg,
+              help="Score an existing caption-dir output instead: CSV, JSON Lines, or a --engine beam OUT folder.")
 @click.option("--references", type=PathArg, help="With --predictions: a records folder or a dataset/captions file.")
 @click.option("--human-baseline", is_flag=True, help="Score each image's first reference against the others.")
 @click.option("--split", default=None,
@@ -503,10 +507,13 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
         if human_baseline:
             result = evaluate.human_baseline(refs, split=split, meteor=not no_meteor)
         else:
-            hypotheses, failed = evaluate.predictions_from(predictions)
+            hypotheses, failed, repeated = evaluate.predictions_from(predictions)
             result = evaluate.evaluate(refs, hypotheses, split=split, failed=failed, meteor=not no_meteor,
                                        settings={"predictions": str(Path(predictions).resolve()),
-                                                 "references": str(Path(refs_path).resolve())})
+                                                 "references": str(Path(refs_path).resolve())}, repeated=repeated)
+            if result.repeated_predictions:
+                click.echo(f"warning: {result.repeated_predictions} prediction rows repeat another one for the same "
+                           "image with the same caption; each image is scored once", err=True)
     click.echo(evaluate.table(result))
     evaluate.write_results(out, result, overwrite=overwrite)
     click.echo(f"scores: {out / 'scores.json'}; COCO results: {out / 'captions_coco.json'}", err=True)

@@ -13,101 +13,29 @@ must not need PIL at runtime), decoded and resized in parallel through tf.data.
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import json
+import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import tensorflow as tf
 
-from tfcap import records
-from tfcap.rows import FIELDS, FLAG, LABELS, NUMBER, parse_value
+from tfcap import names, records
+from tfcap.rows import FIELDS, FLAG, LABELS, NUMBER
 from tfcap.errors import TfcapError
 from tfcap.images import DEFAULT_MAX_PIXELS, decode_rgb, diagnose, header_shape
 from tfcap.outputs import refuse_existing, write_text_atomic
+from tfcap.predictions import Prediction, read as read_output
 from tfcap.progress import progress_bar
+from tfcap.reading import excerpt
 
-REQUIRED_COLUMNS = ("path", "caption")  # the other fields and error may be absent: then empty
 JPEG_QUALITY = 85
 SHOWN = [f for f in FIELDS if f.column != "caption"]  # the fields a card shows besides its caption
 
 
-@dataclass
-class Prediction:
-    """One row of caption-dir output: `values` holds the other fields (rows.FIELDS), None where empty."""
-
-    path: str
-    caption: str
-    error: str
-    values: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def score(self) -> float | None:
-        return self.values.get("score")
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading predictions
-
-
-def _row(record: dict, where: str) -> Prediction:
-    path = str(record.get("path") or "").strip()
-    if not path:
-        raise TfcapError(f"{where}: empty path")
-    # A number that is not finite (nan, inf) reads as None: it would break the mean and sorting.
-    return Prediction(path=path, caption=str(record.get("caption") or ""), error=str(record.get("error") or ""),
-                      values={f.column: parse_value(f, record.get(f.column), where) for f in SHOWN})
-
-
-def _is_jsonl(path: Path, text: str) -> bool:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        return True
-    if suffix in (".csv", ".tsv", ".txt"):
-        return False
-    return text.lstrip().startswith("{")
-
-
 def read_predictions(path: Path) -> list[Prediction]:
-    """Read caption-dir output, CSV or JSON Lines (by extension, else by content).
-
-    Raises TfcapError for a missing or unreadable file, missing columns, or a malformed row.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise TfcapError(f"predictions file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports start with a BOM
-    except (OSError, UnicodeDecodeError) as e:
-        raise TfcapError(f"cannot read predictions file {path}: {e}") from None
-
-    rows = []
-    if _is_jsonl(path, text):
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TfcapError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or "path" not in record:
-                raise TfcapError(f"{path}:{number}: expected a JSON object with a \"path\" key")
-            rows.append(_row(record, f"{path}:{number}"))
-        return rows
-
-    try:
-        reader = csv.DictReader(text.splitlines())
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise TfcapError(f"{path} is not caption-dir output: missing column(s) {', '.join(missing)}")
-        for record in reader:
-            rows.append(_row(record, f"{path}:{reader.line_num}"))
-    except csv.Error as e:
-        raise TfcapError(f"{path}: malformed CSV ({e})") from None
-    return rows
+    """The rows of a caption-dir output (CSV, JSON Lines or a Beam OUT folder), checked: `tfcap.predictions`."""
+    return read_output(path).rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +82,7 @@ def make_thumbnails(files: list[Path], size: int = 256, max_pixels: int = DEFAUL
     if not files:
         return {}
     ds = records.without_autotuning(tf.data.Dataset.from_tensor_slices(
-        (tf.range(len(files), dtype=tf.int64), tf.constant([str(f) for f in files], tf.string))))
+        (tf.range(len(files), dtype=tf.int64), tf.constant([os.fsencode(f) for f in files], tf.string))))
     ds = ds.map(lambda i, f: (i, *_thumbnail(tf.io.read_file(f), size, max_pixels)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     # ignore_errors drops a failing element instead of ending the whole dataset; the index
@@ -348,14 +276,29 @@ def render_html(rows: list[Prediction], thumbs: dict[int, tuple[bytes, int, int]
     ])
 
 
+def _check_images_dir(predictions: Path, images_dir: Path, wanted: list[str], files: list[Path]) -> None:
+    """A wrong --images is one error, not a page of broken cards: none of the files is there, or most
+    are missing (more than half: a folder that lost a few images since captioning still makes a page)."""
+    missing = [p for p, f in zip(wanted, files) if not os.path.lexists(f)]
+    if not wanted or 2 * len(missing) <= len(wanted):
+        return
+    example = f"e.g. {excerpt(missing[0], 60)}"
+    if len(missing) == len(wanted):
+        raise TfcapError(f"none of the {len(wanted)} images of {predictions} is under {images_dir} ({example}): "
+                         "--images must be the folder that was captioned")
+    raise TfcapError(f"{len(missing)} of the {len(wanted)} images of {predictions} are not under {images_dir} "
+                     f"({example}): --images must be the folder that was captioned")
+
+
 def write_gallery(predictions: Path, images_dir: Path, out_html: Path, *, thumb_size: int = 256,
                   title: str | None = None, overwrite: bool = False, progress: bool = False,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Write a self-contained HTML gallery of caption-dir output.
 
     Args:
-      predictions: caption-dir CSV or JSONL (columns path, caption, error and any of `rows.FIELDS`).
-      images_dir: the folder the `path` column is relative to.
+      predictions: caption-dir CSV or JSONL (columns path, caption, error and any of `rows.FIELDS`), or a
+        Beam OUT folder.
+      images_dir: the folder the `path` column is relative to; an error if most of the files are not there.
       out_html: the page to write (atomically; an existing one only with `overwrite`).
       thumb_size: longest side of a thumbnail, in pixels.
       title: page title; defaults to one naming the predictions file.
@@ -375,9 +318,11 @@ def write_gallery(predictions: Path, images_dir: Path, out_html: Path, *, thumb_
 
     # Errored rows get a placeholder, not a decode attempt; each file is thumbnailed once.
     wanted = sorted({row.path for row in rows if not row.error})
-    made = make_thumbnails([images_dir / p for p in wanted], thumb_size, max_pixels, progress)
+    files = [names.path(images_dir, p) for p in wanted]
+    _check_images_dir(predictions, images_dir, wanted, files)
+    made = make_thumbnails(files, thumb_size, max_pixels, progress)
     by_path = {wanted[k]: thumb for k, thumb in made.items()}
-    reasons = {p: _unreadable_reason(images_dir / p, max_pixels) for p in wanted if p not in by_path}
+    reasons = {p: _unreadable_reason(f, max_pixels) for p, f in zip(wanted, files) if p not in by_path}
     thumbs = {i: by_path[row.path] for i, row in enumerate(rows) if not row.error and row.path in by_path}
     errors = {i: row.error or f"cannot show image: {reasons[row.path]}"
               for i, row in enumerate(rows) if i not in thumbs}

@@ -40,6 +40,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from tfcap.errors import TfcapError
+from tfcap.reading import excerpt
 
 TEXT, NUMBER, FLAG, LABELS = "text", "number", "flag", "labels"
 
@@ -165,19 +166,19 @@ def parse_value(f: Field, raw, where: str):
     if f.kind == FLAG:
         if isinstance(raw, bool) or raw in ("true", "false"):
             return raw is True or raw == "true"
-        raise TfcapError(f"{where}: {f.column} {raw!r} is not true or false")
+        raise TfcapError(f"{where}: {f.column} {excerpt(raw, 40)} is not true or false")
     if isinstance(raw, str):
         pairs = [item.strip().rpartition(" ") for item in raw.split(";")]
         return [(name, _number(p, f, where)) for name, _, p in pairs]
     try:
         return [(str(item["name"]), _number(item["probability"], f, where)) for item in raw]
     except (TypeError, KeyError):
-        raise TfcapError(f"{where}: {f.column} {raw!r} is not a list of {{name, probability}}") from None
+        raise TfcapError(f"{where}: {f.column} {excerpt(raw, 40)} is not a list of {{name, probability}}") from None
 
 
 def _number(raw, f: Field, where: str) -> float | None:
     try:
         value = float(raw)
     except (TypeError, ValueError):
-        raise TfcapError(f"{where}: {f.column} {raw!r} is not a number") from None
+        raise TfcapError(f"{where}: {f.column} {excerpt(raw, 40)} is not a number") from None
     return value if math.isfinite(value) else None

@@ -26,47 +26,43 @@ from tfcap import caption
 from tfcap.errors import Interrupted, TfcapError
 from tfcap.outputs import OutputLock, check_output, write_text_atomic
 from tfcap.progress import Stopwatch, progress_bar, summary
+from tfcap.reading import csv_rows, describe, excerpt, parse_json, read_text
 
 IMAGE_COLUMNS = ("path", "image", "file", "filename")
 ADDED = ("score", "confidence", "in_domain", "typicality", "error")
 
 
 def read_pairs(path: Path) -> tuple[list[dict], list[str], str]:
-    """(rows as dicts of strings or JSON values, their field names in order, "csv" or "jsonl") of a pairs file."""
+    """(rows as dicts of strings or JSON values, their field names in order, "csv" or "jsonl") of a pairs
+    file, through `tfcap.reading` (a byte order mark dropped, errors naming the file and line)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise TfcapError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise TfcapError(f"cannot read {path}: {e}") from None
+    text = read_text(path, "pairs file")
     fmt = caption.output_format(path) if path.suffix.lower() in (".csv", *caption.JSONL_SUFFIXES) else (
         "jsonl" if text.lstrip().startswith("{") else "csv")
+    rows: list[dict] = []
     if fmt == "jsonl":
-        rows, fields = [], []
+        fields: list[str] = []
         for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TfcapError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise TfcapError(f"{path}:{number}: expected a JSON object, not {type(row).__name__}")
-            rows.append(row)
-            fields += [k for k in row if k not in fields]
+            if line.strip():
+                row = parse_json(line, f"{path}:{number}", with_line=False)
+                if not isinstance(row, dict):
+                    raise TfcapError(f"{path}:{number}: expected a JSON object, got {describe(row)}")
+                rows.append(row)
+                fields += [k for k in row if k not in fields]
     else:
-        try:
-            reader = csv.DictReader(io.StringIO(text, newline=""))
-            fields = list(reader.fieldnames or [])
-            rows = list(reader)
-        except csv.Error as e:
-            raise TfcapError(f"{path}: malformed CSV ({e})") from None
+        lines = csv_rows(io.StringIO(text, newline=""), str(path))
+        _, _, fields = next(lines, (1, 1, []))
+        for start, _, values in lines:
+            if values and len(values) != len(fields):
+                raise TfcapError(f"{path}:{start}: expected {len(fields)} fields ({excerpt(','.join(fields))}), "
+                                 f"got {len(values)}")
+            if values:
+                rows.append(dict(zip(fields, values)))
     image_column = next((c for c in IMAGE_COLUMNS if c in fields), None)
     if image_column is None or "caption" not in fields:
         raise TfcapError(f"{path} needs an image column ({', '.join(IMAGE_COLUMNS)}) and a caption column; "
-                         f"it has {', '.join(fields) or 'none'}")
-    return rows, fields, fmt
+                         f"it has {excerpt(', '.join(map(str, fields)) or 'none')}")
+    return rows, list(fields), fmt
 
 
 def _text(value) -> str:

@@ -44,7 +44,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from tfcap import caption, export, images, pretrained, rows
+from tfcap import caption, export, images, names, pretrained, rows
 from tfcap.errors import Interrupted, TfcapError
 from tfcap.outputs import atomic_directory, check_output
 from tfcap.progress import Stopwatch, summary
@@ -99,8 +99,9 @@ class ImageCaptionHandler(ModelHandler):
 
 
 def _relative(path: str, root: str) -> str:
-    """A matched file's path as the local engine writes it: relative to the images folder, with '/'."""
-    return path[len(root) + 1:] if path.startswith(root + "/") else path
+    """A matched file's path as the local engine writes it: relative to the images folder, with '/', a
+    name that is not UTF-8 spelled as `names.to_text` does (Beam's coders take no surrogate escapes)."""
+    return names.to_text(path[len(root) + 1:] if path.startswith(root + "/") else path)
 
 
 class _ReadBytes(beam.DoFn):
