@@ -442,7 +442,7 @@ def fit(run_dir: Path, records_dir: Path, config: ConfidenceConfig = ConfidenceC
     signals = np.concatenate(signals)
     coefficients = fit_logistic(signals, labels)
     confidence = 1.0 / (1.0 + np.exp(-(signals @ coefficients[:-1] + coefficients[-1])))
-    report = {"fitted_on": {"records": str(Path(records_dir).resolve()), "train_images": len(train.pooled),
+    report = {"fitted_on": {"records": Path(records_dir).resolve().name, "train_images": len(train.pooled),
                             "val_images": len(val.pooled)},
               "matcher": {"best_epoch": best_epoch, "val_recall_1_5_10": round(recall, 4)},
               "val": {"pairs": len(labels), "own_captions": int(labels.sum()),

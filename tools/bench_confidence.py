@@ -45,9 +45,9 @@ PUBLISHED = "published tau-c on this protocol: BLEU-4 30.8, METEOR 41.8, CIDEr 4
 BUCKETS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0001)
 
 
-def tfcap(*args: str) -> None:
+def tfcap(*args: str, stdout=None) -> None:
     """Run a tfcap command as a user would (its progress and summary go to this stderr)."""
-    subprocess.run([sys.executable, "-m", "tfcap", *args], check=True)
+    subprocess.run([sys.executable, "-m", "tfcap", *args], check=True, stdout=stdout)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -135,7 +135,7 @@ def repeated_phrases(flickr8k: Path, model: list[str], records: Path, work: Path
         captions = [r["caption"].split() for r in read_rows(out) if not r["error"]]
         shares = ", ".join(f"n={n} {np.mean([repeated(c, n) for c in captions]):.3f}" for n in (2, 3, 4))
         tfcap("evaluate", "--predictions", str(out), "--references", str(records), "--split", "test", "--no-meteor",
-              "-o", str(out.with_suffix(".eval")), "--overwrite", "--quiet")
+              "-o", str(out.with_suffix(".eval")), "--overwrite", "--quiet", stdout=subprocess.DEVNULL)
         scores = json.loads((out.with_suffix(".eval") / "scores.json").read_text())["scores"]
         print(f"   {label}: captions repeating an n-gram {shares}; test BLEU-4 {scores['BLEU-4']:.4f}, "
               f"CIDEr-D {scores['CIDEr-D']:.4f}")
