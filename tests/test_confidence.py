@@ -177,3 +177,50 @@ def test_bundled_confidence_ranks_flickr8k_expert_judgments_beyond_cider(tmp_pat
         trust = np.array([float(r["confidence"]) for r in csv.DictReader(f)])
     judged = np.array([j for _, _, j in pairs])
     assert 100 * confidence.kendall_tau_c(np.repeat(trust, 3), judged.reshape(-1)) >= 45
+
+
+def test_the_same_confidence_from_caption_dir_both_engines_score_caption_and_the_savedmodel(fitted_run, tmp_path):
+    """One image, one caption, five ways: the confidence of caption-dir's own caption, local and Beam,
+    of `tfcap caption`, of `tfcap score` given that caption back, and of the exported SavedModel
+    called without tfcap."""
+    from test_caption import serve_without_tfcap
+
+    images = tmp_path / "img"
+    images.mkdir()
+    for i in (0, 3, 5):
+        (images / f"{i}.png").write_bytes(tile(i))
+    runner = CliRunner()
+
+    def ok(*args):
+        result = runner.invoke(main, [str(a) for a in args] + ["--quiet"] * (args[0] not in ("caption", "export")))
+        assert result.exit_code == 0, result.output
+        return result
+
+    ok("caption-dir", images, "-o", tmp_path / "local.csv", "--model", fitted_run)
+    with open(tmp_path / "local.csv", newline="") as f:
+        local = {r["path"]: r for r in csv.DictReader(f)}
+    assert all(r["confidence"] and r["in_domain"] == "true" and r["typicality"] for r in local.values())
+
+    ok("caption-dir", images, "-o", tmp_path / "beam", "--engine", "beam", "--model", fitted_run)
+    with open(next((tmp_path / "beam").glob("part-*.csv")), newline="") as f:
+        beam = {r["path"]: r for r in csv.DictReader(f)}
+
+    printed = ok("caption", *(images / p for p in sorted(local)), "--model", fitted_run).stdout.splitlines()
+    by_caption = {Path(line.split("\t")[0]).name: line.split("\t") for line in printed}
+
+    write_pairs(tmp_path / "pairs.csv", images, [(p, r["caption"]) for p, r in sorted(local.items())])
+    ok("score", tmp_path / "pairs.csv", "--images", images, "-o", tmp_path / "scored.csv", "--model", fitted_run)
+    with open(tmp_path / "scored.csv", newline="") as f:
+        scored = {r["image"]: r for r in csv.DictReader(f)}
+
+    ok("export", fitted_run, "-o", tmp_path / "saved")
+    names = sorted(local)
+    served = serve_without_tfcap(tmp_path / "saved", [images / n for n in names],
+                                 "[out['confidence'].numpy().tolist(), out['captions'].numpy().astype(str).tolist()]",
+                                 tmp_path)
+    for k, name in enumerate(names):
+        want = float(local[name]["confidence"])
+        assert served[1][k] == local[name]["caption"] == beam[name]["caption"] == scored[name]["caption"]
+        for got in (beam[name]["confidence"], by_caption[name][3], scored[name]["confidence"], served[0][k]):
+            assert float(got) == pytest.approx(want, abs=2e-4)
+        assert float(scored[name]["score"]) == pytest.approx(float(local[name]["score"]), abs=2e-4)

@@ -99,6 +99,14 @@ class Matcher(keras.Model):
         return None
 
 
+def _trimmed(ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Word ids [B, T] cut to the longest caption's length (padding would cost decoder and GRU steps
+    for nothing: captions are ~10 words of up to 30), and the lengths tf.int32 [B]."""
+    ids = tf.cast(ids, tf.int32)
+    lengths = tf.reduce_sum(tf.cast(ids > 0, tf.int32), axis=1)
+    return ids[:, : tf.reduce_max(tf.concat([lengths, [1]], axis=0))], lengths
+
+
 def caption_log_probs(decoder, features: dict[str, tf.Tensor], ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Summed log-probability of each caption under the decoder, by teacher forcing.
 
@@ -109,8 +117,7 @@ def caption_log_probs(decoder, features: dict[str, tf.Tensor], ids: tf.Tensor) -
     Returns:
       (log p(words, `<end>`) tf.float32 [B], tokens counted tf.float32 [B]: words + 1 for `<end>`).
     """
-    ids = tf.cast(ids, tf.int32)
-    lengths = tf.reduce_sum(tf.cast(ids > 0, tf.int32), axis=1)
+    ids, lengths = _trimmed(ids)
     batch = tf.shape(ids)[0]
     inputs = tf.concat([tf.fill([batch, 1], text.START_ID), ids], axis=1)
     padded = tf.concat([ids, tf.zeros([batch, 1], tf.int32)], axis=1)
@@ -160,21 +167,31 @@ class Assessor(tf.Module):
         count = tf.cast(tf.shape(self.val_distances)[0], tf.float32)
         return (count - tf.cast(closer, tf.float32) + 1.0) / (count + 1.0)
 
-    def signals(self, features: dict[str, tf.Tensor], ids: tf.Tensor) -> tf.Tensor:
-        """The regression's inputs (`FEATURES`) tf.float32 [B, 3] for captions `ids` [B, T] of the images."""
+    def signals(self, features: dict[str, tf.Tensor], ids: tf.Tensor,
+                image_score: tf.Tensor | None = None) -> tf.Tensor:
+        """The regression's inputs (`FEATURES`) tf.float32 [B, 3] for captions `ids` [B, T] of the images.
+
+        image_score: the captions' mean log-probability per token given their images when it is known
+        already (beam search computed it for its own captions: the same log-probabilities), so that
+        only the average image's pass runs; None: both passes, by teacher forcing.
+        """
         batch = tf.shape(ids)[0]
         prior = {k: tf.repeat(v, batch, axis=0) for k, v in self.prior.items() if k in features}
-        both = {k: tf.concat([tf.cast(features[k], tf.float32), prior[k]], axis=0) for k in prior}
-        log_p, tokens = caption_log_probs(self.decoder, both, tf.concat([ids, ids], axis=0))
-        image_log_p, prior_log_p, tokens = log_p[:batch], log_p[batch:], tokens[:batch]
-        match = tf.reduce_sum(self.matcher.image(pooled_of(features)) * self.matcher.caption(ids), axis=1)
-        return tf.stack([match, (image_log_p - prior_log_p) / tokens, image_log_p / tokens], axis=1)
+        if image_score is None:
+            both = {k: tf.concat([tf.cast(features[k], tf.float32), prior[k]], axis=0) for k in prior}
+            log_p, tokens = caption_log_probs(self.decoder, both, tf.concat([ids, ids], axis=0))
+            image_score, prior_log_p, tokens = log_p[:batch] / tokens[:batch], log_p[batch:], tokens[:batch]
+        else:
+            prior_log_p, tokens = caption_log_probs(self.decoder, prior, ids)
+        match = tf.reduce_sum(self.matcher.image(pooled_of(features)) * self.matcher.caption(_trimmed(ids)[0]), axis=1)
+        return tf.stack([match, image_score - prior_log_p / tokens, image_score], axis=1)
 
-    def assess(self, features: dict[str, tf.Tensor], ids: tf.Tensor) -> dict[str, tf.Tensor]:
+    def assess(self, features: dict[str, tf.Tensor], ids: tf.Tensor,
+               image_score: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
         """Captions `ids` (tf.int32 [B, T], 0-padded words) of images with decoder `features` ->
         {score (mean log-probability per token) tf.float32 [B], confidence tf.float32 [B] in [0, 1],
-        in_domain tf.bool [B], typicality tf.float32 [B] in (0, 1]}."""
-        signals = self.signals(features, ids)
+        in_domain tf.bool [B], typicality tf.float32 [B] in (0, 1]}; image_score: as `signals`."""
+        signals = self.signals(features, ids, image_score)
         odds = tf.linalg.matvec(signals, self.coefficients[:-1]) + self.coefficients[-1]
         typicality = self.typicality(pooled_of(features))
         scale = tf.minimum(1.0, typicality / self.config.min_typicality)

@@ -151,7 +151,7 @@ class Captioner(tf.Module):
         outputs = {"captions": self.vocab.decode(tokens), "scores": scores}
         if self.assessor is not None:
             words = tf.where(tf.cumsum(tf.cast(tokens == text.END_ID, tf.int32), axis=1) == 0, tokens, text.PAD_ID)
-            trust = self.assessor.assess(features, words)  # its own `score` is `scores` again
+            trust = self.assessor.assess(features, words, image_score=scores)  # the search's own log-probabilities
             outputs.update({key: trust[key] for key in ("confidence", "in_domain", "typicality")})
         if self.label_count(labels):
             outputs["labels"], outputs["label_probs"] = self.classifier.top(features["pooled"], self.label_count(labels))
