@@ -249,7 +249,8 @@ class AttentionDecoder(_Decoder):
           seed: tf.int64 [2] enables dropout (training), None disables it.
           owners: tf.int32 [N], the image of each caption (row of `grid`), in any order; None: row n's is row n.
         Returns:
-          (logits tf.float32 [N, T, V], doubly stochastic penalty tf.float32 [], mean over the captions).
+          (logits tf.float32 [N, T, V] (0 where tokens are padding), doubly stochastic penalty tf.float32 [],
+          mean over the captions).
         """
         state, context = self.initial_state(features)
         embedded = _dropout(self.embedding(tokens), self.config.dropout, seed, 2)  # [N, T, E]
@@ -258,13 +259,13 @@ class AttentionDecoder(_Decoder):
             per_image = tf.shape(slot_rows)[0] // tf.shape(context["grid"])[0]
             state = tuple(tf.repeat(s, per_image, axis=0) for s in state)
             # The empty slots of images with fewer than K captions take an all-padding caption.
-            tokens = tf.gather(tf.pad(tokens, [[0, 1], [0, 0]]), slot_rows)
+            slot_tokens = tf.gather(tf.pad(tokens, [[0, 1], [0, 0]]), slot_rows)
             slot_embedded = tf.gather(tf.pad(embedded, [[0, 1], [0, 0], [0, 0]]), slot_rows)
         else:
-            slot_embedded = embedded
+            slot_tokens, slot_embedded = tokens, embedded
         weights = self._step_weights(embedded.dtype, context["grid"].shape[-1])
         words_projected = tf.einsum("nte,ef->tnf", slot_embedded, weights["words"])  # [T, N, 4 units]
-        keep = tf.transpose(tf.not_equal(tokens, 0))  # [T, N]
+        keep = tf.transpose(tf.not_equal(slot_tokens, 0))  # [T, N]
         steps = tf.shape(tokens)[1]
         words_ta = tf.TensorArray(words_projected.dtype, size=steps).unstack(words_projected)
         keep_ta = tf.TensorArray(tf.bool, size=steps).unstack(keep)
@@ -281,12 +282,17 @@ class AttentionDecoder(_Decoder):
         # this call outside tf.function when it builds the model.
         _, _, _, attention_sum, out_ta, attended_ta = tf.while_loop(
             lambda t, *_: t < steps, body,
-            (tf.constant(0), *state, tf.zeros([tf.shape(tokens)[0], tf.shape(context["grid"])[1]], tf.float32),
+            (tf.constant(0), *state, tf.zeros([tf.shape(slot_tokens)[0], tf.shape(context["grid"])[1]], tf.float32),
              tf.TensorArray(state[0].dtype, size=steps), tf.TensorArray(context["grid"].dtype, size=steps)))
         out, attended = (tf.transpose(ta.stack(), [1, 0, 2]) for ta in (out_ta, attended_ta))  # [N, T, ...]
         if owners is not None:  # back from slots to the captions' rows
             out, attended, attention_sum = (tf.gather(x, row_slots) for x in (out, attended, attention_sum))
-        logits = self._output(embedded, out, attended, seed)
+        # The deep output and logits of the words only: a batch by image pads its captions to its
+        # longest, and Flickr8k's to a third of their length. Padded positions get logits 0 (never read).
+        words = tf.where(tf.not_equal(tokens, 0))  # [M, 2]
+        logits = self._output(*(tf.gather_nd(x, words) for x in (embedded, out, attended)), seed)
+        shape = tf.concat([tf.shape(tokens, out_type=words.dtype), [self.vocab_size]], axis=0)
+        logits = tf.scatter_nd(words, logits, shape)
         penalty = tf.reduce_mean(tf.reduce_sum(tf.square(1.0 - attention_sum), axis=1))
         return logits, self.config.attention_penalty * penalty
 
