@@ -127,9 +127,11 @@ def greedy_train_cider(run_dir, records_dir) -> float:
     return result.scores["CIDEr-D"]
 
 
-def test_scst_raises_greedy_cider_d_over_its_cross_entropy_start(tiny_records, tmp_path):
-    # A briefly trained cross-entropy model, then self-critical training from it on the same images.
-    fit(tiny_records, tmp_path / "xe", tmp_path / "cache", epochs=3, learning_rate=0.005)
+@pytest.mark.parametrize("kind", ["merge", "attention"])
+def test_scst_raises_greedy_cider_d_over_its_cross_entropy_start(tiny_records, tmp_path, kind):
+    # A briefly trained cross-entropy model, then self-critical training from it on the same images
+    # (attention: its samples share their image's grid, in sampling and in the policy gradient).
+    fit(tiny_records, tmp_path / "xe", tmp_path / "cache", kind=kind, epochs=3, learning_rate=0.005)
     start = greedy_train_cider(tmp_path / "xe", tiny_records)
     result = CliRunner().invoke(main, [
         "train", str(tiny_records), "-o", str(tmp_path / "scst"), "--objective", "scst", "--init", str(tmp_path / "xe"),

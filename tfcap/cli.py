@@ -155,6 +155,8 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 @click.option("--units", type=int, default=256, show_default=True)
 @click.option("--embed-dim", type=int, default=256, show_default=True)
 @click.option("--dropout", type=float, default=0.5, show_default=True)
+@click.option("--context-dim", type=int, help="attention: channels the grid is projected to (once per image) before "
+              "the decoder attends over it (default: --units; 0: the grid's own channels, several times slower).")
 @click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--learning-rate", type=float, help="Peak learning rate (default: 1e-3; 5e-5 with --objective scst).")
@@ -188,9 +190,9 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 @click.option("--overwrite", is_flag=True, help="Replace an existing RUN_DIR.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_size, precision, decoder_kind, units,
-                  embed_dim, dropout, epochs, batch_size, learning_rate, lr_schedule, clip_norm, captions_per_image,
-                  eval_every, eval_images, patience, train_encoder, objective, init_run, samples, baseline, select,
-                  seed, strategy, devices, cache_dir, resume, overwrite, quiet):
+                  embed_dim, dropout, context_dim, epochs, batch_size, learning_rate, lr_schedule, clip_norm,
+                  captions_per_image, eval_every, eval_images, patience, train_encoder, objective, init_run, samples,
+                  baseline, select, seed, strategy, devices, cache_dir, resume, overwrite, quiet):
     """Train a captioner on RECORDS (from build-records) into RUN_DIR."""
     from tfcap import decoder, encoder as encoders, features, outputs, train
 
@@ -206,12 +208,12 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
         given, ctx = {}, click.get_current_context()
         fields = {"encoder": "encoder.name", "encoder_weights": "encoder.weights", "alpha": "encoder.alpha",
                   "image_size": "encoder.image_size", "decoder_kind": "decoder.kind", "units": "decoder.units",
-                  "embed_dim": "decoder.embed_dim", "dropout": "decoder.dropout",
+                  "embed_dim": "decoder.embed_dim", "dropout": "decoder.dropout", "context_dim": "decoder.context_dim",
                   "init_run": "train.init"}
         for name in ("encoder", "encoder_weights", "alpha", "image_size", "precision", "decoder_kind", "units",
-                     "embed_dim", "dropout", "epochs", "batch_size", "learning_rate", "lr_schedule", "clip_norm",
-                     "captions_per_image", "eval_every", "eval_images", "patience", "train_encoder", "objective",
-                     "init_run", "samples", "baseline", "select", "seed", "strategy", "devices"):
+                     "embed_dim", "dropout", "context_dim", "epochs", "batch_size", "learning_rate", "lr_schedule",
+                     "clip_norm", "captions_per_image", "eval_every", "eval_images", "patience", "train_encoder",
+                     "objective", "init_run", "samples", "baseline", "select", "seed", "strategy", "devices"):
             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT,
                                                       click.core.ParameterSource.DEFAULT_MAP):
                 value = ctx.params[name]
@@ -224,7 +226,8 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
         records_dir, run_dir,
         encoder_config=encoders.EncoderConfig(name=encoder, weights=encoder_weights, image_size=image_size,
                                               alpha=alpha),
-        decoder_config=decoder.DecoderConfig(kind=decoder_kind, units=units, embed_dim=embed_dim, dropout=dropout),
+        decoder_config=decoder.DecoderConfig(kind=decoder_kind, units=units, embed_dim=embed_dim, dropout=dropout,
+                                             context_dim=context_dim),
         train_config=train.TrainConfig(epochs=epochs, batch_size=batch_size,
                                        learning_rate=learning_rate or (5e-5 if objective == "scst" else 1e-3),
                                        lr_schedule=lr_schedule, clip_norm=clip_norm,

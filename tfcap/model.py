@@ -47,7 +47,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(encoder=encoders.EncoderConfig(**d["encoder"]), decoder=decoders.DecoderConfig(**d["decoder"]),
+        return cls(encoder=encoders.EncoderConfig(**d["encoder"]),
+                   decoder=decoders.DecoderConfig.from_dict(d["decoder"]),
                    text=text.TextConfig(**d["text"]), precision=d["precision"], vocab_size=d["vocab_size"],
                    vocab_sha256=d["vocab_sha256"])
 
