@@ -224,3 +224,46 @@ def test_the_same_confidence_from_caption_dir_both_engines_score_caption_and_the
         for got in (beam[name]["confidence"], by_caption[name][3], scored[name]["confidence"], served[0][k]):
             assert float(got) == pytest.approx(want, abs=2e-4)
         assert float(scored[name]["score"]) == pytest.approx(float(local[name]["score"]), abs=2e-4)
+
+
+def test_min_confidence_leaves_out_the_less_trusted_captions_with_the_reason(fitted_run, tmp_path):
+    images = tmp_path / "img"
+    images.mkdir()
+    for i in range(4):
+        (images / f"{i}.png").write_bytes(tile(i))
+    stripes = np.zeros((32, 32, 3), np.uint8)
+    stripes[::2] = 255
+    (images / "stripes.png").write_bytes(tf.io.encode_png(stripes).numpy())  # out of domain: trusted less
+    (images / "bad.png").write_bytes(b"not an image")
+    runner = CliRunner()
+    result = runner.invoke(main, ["caption-dir", str(images), "-o", str(tmp_path / "all.csv"), "--model",
+                                  str(fitted_run), "--quiet"])
+    assert result.exit_code == 0, result.output
+    with open(tmp_path / "all.csv", newline="") as f:
+        everything = {r["path"]: r for r in csv.DictReader(f)}
+    trusts = sorted(float(r["confidence"]) for r in everything.values() if r["confidence"])
+    cut = next((a + b) / 2 for a, b in zip(trusts[1:], trusts[2:]) if b - a > 2e-4)  # clear of CSV's rounding
+    below = sum(t < cut for t in trusts)
+    assert below >= 2
+    result = runner.invoke(main, ["caption-dir", str(images), "-o", str(tmp_path / "kept.csv"), "--model",
+                                  str(fitted_run), "--min-confidence", str(cut), "--strict"])
+    with open(tmp_path / "kept.csv", newline="") as f:
+        kept = {r["path"]: r for r in csv.DictReader(f)}
+    assert result.exit_code == 1 and f"{below} captions withheld below --min-confidence" in result.stderr  # bad.png
+    for path, row in kept.items():
+        full = everything[path]
+        if path == "bad.png":
+            assert row == full
+        elif float(full["confidence"]) < cut:
+            assert row["caption"] == "" and row["error"].startswith("withheld: confidence")
+            assert row["confidence"] == full["confidence"] and row["labels"] == full["labels"]
+        else:
+            assert row == full
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in fitted_run.iterdir():
+        if f.is_file() and not f.name.startswith("confidence"):
+            (bare / f.name).write_bytes(f.read_bytes())
+    refused = runner.invoke(main, ["caption-dir", str(images), "-o", str(tmp_path / "x.csv"), "--model", str(bare),
+                                   "--min-confidence", "0.5"])
+    assert refused.exit_code == 2 and "no fitted confidence" in refused.output and not (tmp_path / "x.csv").exists()

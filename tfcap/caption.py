@@ -42,6 +42,7 @@ class CaptionConfig:
     batch_size: int = 32
     max_pixels: int = images.DEFAULT_MAX_PIXELS  # refuse larger images by their header, before decoding
     recursive: bool = True
+    min_confidence: float | None = None  # leave out captions less trusted (rows.withhold); None: keep all
 
 
 def is_image_name(name: str) -> bool:
@@ -160,8 +161,8 @@ class BytesCaptioner:
     work of its own: `diagnose_bytes` says why it failed.
     """
 
-    def __init__(self, captioner, max_pixels: int = images.DEFAULT_MAX_PIXELS):
-        self.captioner, self.max_pixels = captioner, max_pixels
+    def __init__(self, captioner, max_pixels: int = images.DEFAULT_MAX_PIXELS, min_confidence: float | None = None):
+        self.captioner, self.max_pixels, self.min_confidence = captioner, max_pixels, min_confidence
         self._load = tf.function(self._pixels, input_signature=[tf.TensorSpec([None], tf.string)])
 
     def _pixels(self, data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -186,7 +187,7 @@ class BytesCaptioner:
             if len(kept):
                 values = row_fields.from_outputs(self.captioner.decode(self.captioner.encode(pixels)))
                 for k, value in zip(kept.numpy(), values):
-                    results[k] = {**value, "error": ""}
+                    results[k] = row_fields.withhold({**value, "error": ""}, self.min_confidence)
         return [r or row_fields.failed(diagnose_bytes(d, self.max_pixels)) for r, d in zip(results, data)]
 
 
@@ -282,7 +283,7 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
         lock.release()
         raise
     todo = [p for p in all_paths if p not in done]
-    clock, counts = Stopwatch(), {"ok": 0, "failed": 0}
+    clock, counts = Stopwatch(), {"ok": 0, "failed": 0, "withheld": 0}
 
     def error_row(k: int) -> dict:
         return {"path": todo[k], **row_fields.failed(diagnose(names.path(images_dir, todo[k]), config.max_pixels))}
@@ -291,8 +292,9 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
         with progress_bar(len(todo), "captioning", show_progress and bool(todo)) as advance:
             def flush(rows: list[dict]) -> None:
                 os.write(fd, format_rows(rows, fmt, columns).encode("utf-8"))  # one write: whole rows only
-                failed = sum(1 for r in rows if r["error"])
+                failed = sum(1 for r in rows if row_fields.is_failure(r))
                 counts["failed"] += failed
+                counts["withheld"] += sum(1 for r in rows if r["error"]) - failed
                 counts["ok"] += len(rows) - failed
                 advance(len(rows))
 
@@ -301,7 +303,7 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
                 rows = []
                 for index, values in zip(indices.numpy(), row_fields.from_outputs(captioner.decode(features))):
                     rows += [error_row(k) for k in range(next_index, int(index))]  # dropped out before it
-                    rows.append({"path": todo[index], **values, "error": ""})
+                    rows.append(row_fields.withhold({"path": todo[index], **values, "error": ""}, config.min_confidence))
                     next_index = int(index) + 1
                 flush(rows)
             if next_index < len(todo):  # failures after the last good file
@@ -317,6 +319,8 @@ def caption_directory(captioner, images_dir: Path, out: Path, config: CaptionCon
         summary(f"caption-dir: 0 images to caption ({len(done)} already done) -> {out}")
         return {"images": 0, "ok": 0, "failed": 0, "skipped_done": len(done), "seconds": seconds}
     summary(f"caption-dir: {ok + failed} images ({ok} ok, {failed} failed"
+            + (f", {counts['withheld']} captions withheld below --min-confidence {config.min_confidence:g}"
+               if counts["withheld"] else "")
             + (f", {len(done)} already done" if done else "") + f") in {seconds:.1f} s, "
             f"{(ok + failed) / max(seconds, 1e-9):.1f} images/s -> {out}")
     return {"images": ok + failed, "ok": ok, "failed": failed, "skipped_done": len(done), "seconds": seconds}

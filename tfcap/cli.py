@@ -317,6 +317,9 @@ def _default_model(ctx, param, value):
 @click.option("--no-recursive", is_flag=True, help="Only the top folder.")
 @click.option("--gallery", "gallery_path", type=PathArg, help="Also write an HTML gallery of the results here.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any image failed.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=None, metavar="X",
+              help="Leave out the caption of rows whose confidence is below X, with the reason in the row's error "
+                   "(the model must have a fitted confidence: the bundled one has).")
 @click.option("--resume", is_flag=True, help="Append the images missing from an existing output.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -327,7 +330,8 @@ def _default_model(ctx, param, value):
               "FlinkRunner, SparkRunner need a SavedModel their workers can read, see tfcap export).")
 @click.argument("pipeline_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- BEAM_OPTION...]")
 def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, no_repeat_ngram, precision,
-                        label_count, no_labels, fmt, batch_size, max_pixels, no_recursive, gallery_path, strict, resume,
+                        label_count, no_labels, fmt, batch_size, max_pixels, no_recursive, gallery_path, strict,
+                        min_confidence, resume,
                         overwrite, quiet, engine, runner, pipeline_args):
     """Caption every image under IMAGES (jpg, png, gif, bmp, webp) into a CSV (--engine beam: a folder of parts)."""
     from tfcap import caption, export, images, outputs
@@ -336,7 +340,7 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
 
     config = caption.CaptionConfig(beam_size=beam_size or 3, length_penalty=length_penalty or 0.0,
                                    batch_size=batch_size, max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS,
-                                   recursive=not no_recursive)
+                                   recursive=not no_recursive, min_confidence=min_confidence)
     if engine == "beam":
         for name, given in (("--resume", resume), ("--gallery", gallery_path)):
             if given:
@@ -370,6 +374,9 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
     caption.find_images(images_dir, config.recursive)
     predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
                                       no_repeat_ngram=no_repeat_ngram, labels=label_count, precision=precision)
+    if min_confidence is not None and not predictor.settings.get("confidence"):
+        raise TfcapError(f"--min-confidence: {model_path} has no fitted confidence (tfcap fit-confidence RUN_DIR RECORDS, "
+                         "then export again)")
     result = caption.caption_directory(predictor, images_dir, out, config, fmt=fmt, overwrite=overwrite,
                                        resume=resume, show_progress=not quiet)
     if gallery_path:

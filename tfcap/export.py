@@ -59,7 +59,8 @@ class ServingModule(tf.Module):
         self._labels = captioner.label_count(labels)
         size = captioner.encoder.size
         self.settings = json.dumps({**dataclasses.asdict(decoding), "labels": self._labels,
-                                    "classifier": captioner.classifier is not None, "image_size": size,
+                                    "classifier": captioner.classifier is not None,
+                                    "confidence": captioner.assessor is not None, "image_size": size,
                                     "encoder_precision": captioner.encoder.precision,
                                     "model": captioner.config.to_dict()})
         self._feature_keys = captioner.output_feature_keys(self._labels)

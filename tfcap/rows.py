@@ -96,6 +96,24 @@ def _python_values(f: Field, arrays: list[np.ndarray]) -> list:
             for row_names, row_probabilities in zip(names, probabilities)]
 
 
+WITHHELD = "withheld: "  # how the error of a caption left out by --min-confidence begins
+
+
+def withhold(row: dict[str, Any], min_confidence: float | None) -> dict[str, Any]:
+    """`row` with its caption left out, and the reason as its error, when its confidence is below
+    `min_confidence` (caption-dir --min-confidence); its other fields stay, to say why. Rows without a
+    confidence (failed images, a model without one) are left as they are."""
+    trust = row.get("confidence")
+    if min_confidence is None or trust is None or trust >= min_confidence or row.get("error"):
+        return row
+    return {**row, "caption": "", "error": f"{WITHHELD}confidence {trust:.4f} < --min-confidence {min_confidence:g}"}
+
+
+def is_failure(row: dict[str, Any]) -> bool:
+    """Whether a row is an image that could not be captioned (not one whose caption was withheld)."""
+    return bool(row.get("error")) and not str(row["error"]).startswith(WITHHELD)
+
+
 def failed(error: str) -> dict[str, Any]:
     """The row of an image that failed, but its path: an empty caption, no other value, and why."""
     return {**{f.column: "" if f.kind == TEXT else None for f in FIELDS}, "error": error}

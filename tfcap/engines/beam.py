@@ -76,13 +76,14 @@ class ImageCaptionHandler(ModelHandler):
     """
 
     def __init__(self, model: str, *, max_pixels: int = images.DEFAULT_MAX_PIXELS, batch_size: int = 32,
-                 labels: int | None = None):
+                 labels: int | None = None, min_confidence: float | None = None):
         # Fixed batches (min = max) like the local engine's; a bundle's last batch is smaller.
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
-        self.model, self.max_pixels, self.labels = str(model), max_pixels, labels
+        self.model, self.max_pixels, self.labels, self.min_confidence = str(model), max_pixels, labels, min_confidence
 
     def load_model(self) -> caption.BytesCaptioner:
-        return caption.BytesCaptioner(export.load_predictor(self.model, labels=self.labels), self.max_pixels)
+        return caption.BytesCaptioner(export.load_predictor(self.model, labels=self.labels), self.max_pixels,
+                                      self.min_confidence)
 
     def run_inference(self, batch: Sequence[bytes], model: caption.BytesCaptioner,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
@@ -153,7 +154,8 @@ def add_caption_dir(pipeline: beam.Pipeline, images_dir: str, prefix: str, model
             | "Open" >> fileio.ReadMatches(compression=CompressionTypes.UNCOMPRESSED)
             | "Read" >> beam.ParDo(_ReadBytes(root)).with_outputs(FAILED, main="images"))
     handler = KeyedModelHandler(ImageCaptionHandler(model, max_pixels=config.max_pixels,
-                                                    batch_size=config.batch_size, labels=labels))
+                                                    batch_size=config.batch_size, labels=labels,
+                                                    min_confidence=config.min_confidence))
     captioned = read.images | "Caption" >> RunInference(handler) | "Rows" >> beam.Map(_captioned_row)
     (((captioned, read[FAILED]) | "AllRows" >> beam.Flatten())
      | "Format" >> beam.Map(_line, fmt)
@@ -251,8 +253,8 @@ def _count_rows(out: str, fmt: str) -> tuple[int, int, int]:
     for path in paths:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             found = caption.parse_rows(f.read().decode("utf-8"), fmt)
-        failed += sum(1 for r in found if r["error"])
-        ok += sum(1 for r in found if not r["error"])
+        failed += sum(1 for r in found if rows.is_failure(r))
+        ok += sum(1 for r in found if not rows.is_failure(r))
     return ok, failed, len(paths)
 
 
