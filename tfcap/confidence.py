@@ -107,13 +107,15 @@ def _trimmed(ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return ids[:, : tf.reduce_max(tf.concat([lengths, [1]], axis=0))], lengths
 
 
-def caption_log_probs(decoder, features: dict[str, tf.Tensor], ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+def caption_log_probs(decoder, features: dict[str, tf.Tensor], ids: tf.Tensor,
+                      owners: tf.Tensor | None = None) -> tuple[tf.Tensor, tf.Tensor]:
     """Summed log-probability of each caption under the decoder, by teacher forcing.
 
     Args:
-      decoder: a tfcap decoder (`decoder(features, tokens) -> (logits [B, T, V], penalty)`).
-      features: the decoder's features, each [B, ...].
+      decoder: a tfcap decoder (`decoder(features, tokens, owners=) -> (logits [B, T, V], penalty)`).
+      features: the decoder's features, each [B, ...], or [G, ...] with `owners`.
       ids: tf.int32 [B, T] word ids, 0-padded, without `<start>`/`<end>`.
+      owners: tf.int32 [B], the image (row of `features`) of each caption; None: row b's is row b.
     Returns:
       (log p(words, `<end>`) tf.float32 [B], tokens counted tf.float32 [B]: words + 1 for `<end>`).
     """
@@ -122,7 +124,7 @@ def caption_log_probs(decoder, features: dict[str, tf.Tensor], ids: tf.Tensor) -
     inputs = tf.concat([tf.fill([batch, 1], text.START_ID), ids], axis=1)
     padded = tf.concat([ids, tf.zeros([batch, 1], tf.int32)], axis=1)
     targets = tf.where(tf.range(tf.shape(padded)[1])[None, :] == lengths[:, None], text.END_ID, padded)
-    logits, _ = decoder(features, inputs)
+    logits, _ = decoder(features, inputs, owners=owners)
     chosen = tf.gather(tf.nn.log_softmax(tf.cast(logits, tf.float32)), targets, batch_dims=2)
     mask = tf.sequence_mask(lengths + 1, tf.shape(targets)[1], tf.float32)
     return tf.reduce_sum(chosen * mask, axis=1), tf.cast(lengths + 1, tf.float32)
@@ -176,13 +178,15 @@ class Assessor(tf.Module):
         only the average image's pass runs; None: both passes, by teacher forcing.
         """
         batch = tf.shape(ids)[0]
-        prior = {k: tf.repeat(v, batch, axis=0) for k, v in self.prior.items() if k in features}
+        # The average image is one row of features that every caption's prior pass shares (`owners`):
+        # the attention decoder projects its grid once, not once per caption.
         if image_score is None:
-            both = {k: tf.concat([tf.cast(features[k], tf.float32), prior[k]], axis=0) for k in prior}
-            log_p, tokens = caption_log_probs(self.decoder, both, tf.concat([ids, ids], axis=0))
+            both = {k: tf.concat([tf.cast(features[k], tf.float32), self.prior[k]], axis=0) for k in self.prior}
+            owners = tf.concat([tf.range(batch), tf.fill([batch], batch)], axis=0)
+            log_p, tokens = caption_log_probs(self.decoder, both, tf.concat([ids, ids], axis=0), owners)
             image_score, prior_log_p, tokens = log_p[:batch] / tokens[:batch], log_p[batch:], tokens[:batch]
         else:
-            prior_log_p, tokens = caption_log_probs(self.decoder, prior, ids)
+            prior_log_p, tokens = caption_log_probs(self.decoder, self.prior, ids, tf.zeros([batch], tf.int32))
         match = tf.reduce_sum(self.matcher.image(pooled_of(features)) * self.matcher.caption(_trimmed(ids)[0]), axis=1)
         return tf.stack([match, image_score - prior_log_p / tokens, image_score], axis=1)
 
