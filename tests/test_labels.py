@@ -254,7 +254,8 @@ def test_a_dog_photo_gets_a_dog_breed_and_a_bike_photo_a_bike():
     result = CliRunner().invoke(main, ["caption", str(images / "1001773457_577c3a7d70.jpg"),
                                        str(images / "1143882946_1898d2eeb9.jpg"), "--labels", "3"])
     assert result.exit_code == 0, result.output
-    dog, bike = [line.split("\t")[3] for line in result.stdout.strip().splitlines()]
+    at = 1 + [f.column for f in rows.FIELDS].index("labels")  # the path comes first
+    dog, bike = [line.split("\t")[at] for line in result.stdout.strip().splitlines()]
     index = {name: k for k, name in enumerate(labels.class_names())}
     dog_labels = [name for name, _ in rows.parse_value(rows.BY_COLUMN["labels"], dog, "dog")]
     assert index[dog_labels[0]] in DOG_CLASSES, dog
