@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from test_train import epochs_logged, tiny_records  # noqa: F401  (module fixture)
+from conftest import epochs_logged
 from tfcap import cli, distribute, model, records
 from tfcap.cli import main
 from tfcap.errors import TfcapError

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
+import shutil
 from pathlib import Path
 
 import keras
@@ -12,72 +12,26 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from tfcap import decoder, encoder, features, images, inputs, model, records, text, train
+from conftest import TINY_ENCODER_OPTIONS, epochs_logged, fit, tile
+from tfcap import encoder, features, images, inputs, model, records, text, train
 from tfcap.cli import main
 from tfcap.errors import TfcapError
 
-# Eight images, each with its own caption: a handful a tiny model can memorize.
-WORDS = ["red", "green", "blue", "pink", "cat", "dog", "bird", "fish"]
-CAPTIONS = [f"a {WORDS[i % 4]} {WORDS[4 + i // 2 % 4]} sits" for i in range(8)]
-TINY_ENCODER = encoder.EncoderConfig(name="mobilenet", alpha=0.25, image_size=32, weights="none")
+TINY_ENCODER = encoder.EncoderConfig(**TINY_ENCODER_OPTIONS)
 TINY_CONVNET = encoder.EncoderConfig(name="convnet", image_size=32, weights="none")
 
 
-def tile(i: int) -> bytes:
-    """A 32x32 PNG of a colour of its own (random noise would look alike to a random-init CNN)."""
-    rng = np.random.default_rng(i)
-    color = np.array([(i * 97) % 256, (i * 53 + 80) % 256, (i * 151 + 30) % 256])
-    pixels = np.clip(color + rng.normal(0, 8, (32, 32, 3)), 0, 255).astype(np.uint8)
-    return tf.io.encode_png(pixels).numpy()
-
-
-@pytest.fixture(scope="module")
-def tiny_records(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "img").mkdir()
-    with open(root / "c.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "caption", "split"])
-        for i, caption in enumerate(CAPTIONS):
-            (root / "img" / f"{i}.png").write_bytes(tile(i))
-            w.writerows([[f"{i}.png", caption, "train"]] * 8)  # more steps per epoch, fewer epochs
-        for i in range(2):  # validation images share the training captions
-            (root / "img" / f"v{i}.png").write_bytes(tile(i))
-            w.writerow([f"v{i}.png", CAPTIONS[i], "val"])
-    out = root / "rec"
-    result = CliRunner().invoke(main, ["build-records", "--captions", str(root / "c.csv"), "--images",
-                                       str(root / "img"), "-o", str(out), "--min-count", "1", "--quiet"])
-    assert result.exit_code == 0, result.output
-    return out
-
-
-def fit(records_dir, run_dir, cache_dir, *, kind="merge", epochs=30, encoder_config=TINY_ENCODER, **overrides):
-    config = dict(epochs=epochs, batch_size=8, learning_rate=0.01, lr_schedule="constant", eval_every=0,
-                  patience=0, seed=1)
-    config.update(overrides)
-    return train.train(records_dir, run_dir, encoder_config=encoder_config,
-                       decoder_config=decoder.DecoderConfig(kind=kind, units=32, embed_dim=16, dropout=0.0,
-                                                            attention_dim=16),
-                       train_config=train.TrainConfig(**config), cache_dir=cache_dir, show_progress=False)
-
-
-def epochs_logged(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("kind", ["merge", "attention"])
-def test_tiny_model_overfits_and_greedy_decoding_reproduces_training_captions(tiny_records, tmp_path, kind):
-    fit(tiny_records, tmp_path / "run", tmp_path / "cache", kind=kind, epochs=12, batch_size=8, learning_rate=0.005,
-        eval_every=6)
-    log = epochs_logged(tmp_path / "run")
+def test_tiny_model_overfits_and_greedy_decoding_reproduces_training_captions(tiny_records, overfitted, kind):
+    run = overfitted(kind)  # 12 epochs, validation BLEU-4 at epochs 6 and 12
+    log = epochs_logged(run)
     assert 0 <= log[5]["val_bleu4"] <= 1 and "val_bleu4" not in log[4]
     assert log[-1]["loss"] < log[0]["first_batch_loss"] / 10
-    assert reproduced_training_captions(tmp_path / "run", tiny_records) >= 6
+    assert reproduced_training_captions(run, tiny_records) >= 6
 
 
-def test_run_directory_holds_everything_to_rebuild_the_model(tiny_records, tmp_path):
-    fit(tiny_records, tmp_path / "run", tmp_path / "cache", epochs=1)
-    run = tmp_path / "run"
+def test_run_directory_holds_everything_to_rebuild_the_model(tiny_records, tiny_run):
+    run = tiny_run
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["encoder"]["name"] == "mobilenet" and config["model"]["precision"] == "float32"
     assert config["model"]["vocab_sha256"] == records.load_vocabulary(tiny_records).sha256
@@ -212,16 +166,16 @@ def test_feature_cache_holds_the_encoders_features(tiny_records, tmp_path):
     assert seen == len(cached) == 8
 
 
-def test_mismatched_vocabulary_is_refused(tiny_records, tmp_path):
-    fit(tiny_records, tmp_path / "run", tmp_path / "cache", epochs=1)
+def test_mismatched_vocabulary_is_refused(tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "run")
     vocab_file = tmp_path / "run" / "vocab.txt"
     vocab_file.write_text(vocab_file.read_text().replace("cat", "tiger"))
     with pytest.raises(TfcapError, match="does not match the model"):
         model.load_model(tmp_path / "run")
 
 
-def test_existing_run_is_refused_and_bad_options_are_one_line_errors(tiny_records, tmp_path):
-    fit(tiny_records, tmp_path / "run", tmp_path / "cache", epochs=1)
+def test_existing_run_is_refused_and_bad_options_are_one_line_errors(tiny_records, tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "run")
     result = CliRunner().invoke(main, ["train", str(tiny_records), "-o", str(tmp_path / "run"), "--quiet"])
     assert result.exit_code == 2 and "--resume" in result.output
     result = CliRunner().invoke(main, ["train", str(tmp_path), "-o", str(tmp_path / "x")])
