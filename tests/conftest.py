@@ -195,19 +195,35 @@ def tiny_records(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny_records, tmp_path_factory) -> Path:
+def tiny_features(tiny_records, tmp_path_factory) -> Path:
+    """A feature cache (`--cache-dir`) of tiny_records' train and val images by the tiny encoder in float32,
+    grid included: it serves the merge and the attention decoder, so that fits with it encode nothing
+    (encoding is about half of a tiny fit). Tests about building the cache, and fits with another
+    encoder or precision, use a cache of their own."""
+    def build(root: Path) -> None:
+        from tfcap import encoder, features
+
+        tiny = encoder.build_encoder(encoder.EncoderConfig(**TINY_ENCODER_OPTIONS), "float32")
+        for split in ("train", "val"):
+            features.build_features(tiny_records, split, tiny, True, cache_dir=root, show_progress=False)
+
+    return built_once(tmp_path_factory, "tiny-features", build)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_records, tiny_features, tmp_path_factory) -> Path:
     """A merge run briefly trained on tiny_records (3 epochs at learning rate 0.005): it captions, and
     self-critical training still has much to add to it. Tests copy it before they change it."""
-    build = lambda root: fit(tiny_records, root / "run", root / "cache", epochs=3, learning_rate=0.005)  # noqa: E731
+    build = lambda root: fit(tiny_records, root / "run", tiny_features, epochs=3, learning_rate=0.005)  # noqa: E731
     return built_once(tmp_path_factory, "tiny-run", build) / "run"
 
 
 @pytest.fixture(scope="session")
-def overfitted(tiny_records, tmp_path_factory) -> Callable[[str], Path]:
+def overfitted(tiny_records, tiny_features, tmp_path_factory) -> Callable[[str], Path]:
     """kind ("merge" or "attention") -> a run of that decoder trained 12 epochs on tiny_records, with
     validation BLEU-4 at epochs 6 and 12: long enough to reproduce the training captions."""
     def run(kind: str) -> Path:
-        build = lambda root: fit(tiny_records, root / "run", root / "cache", kind=kind, epochs=12,  # noqa: E731
+        build = lambda root: fit(tiny_records, root / "run", tiny_features, kind=kind, epochs=12,  # noqa: E731
                                  learning_rate=0.005, eval_every=6)
         return built_once(tmp_path_factory, f"overfitted-{kind}", build) / "run"
 

@@ -127,13 +127,13 @@ def greedy_train_cider(run_dir, records_dir) -> float:
     return result.scores["CIDEr-D"]
 
 
-def test_scst_raises_greedy_cider_d_over_its_cross_entropy_start(tiny_records, tiny_run, tmp_path):
+def test_scst_raises_greedy_cider_d_over_its_cross_entropy_start(tiny_records, tiny_run, tiny_features, tmp_path):
     # A briefly trained cross-entropy model (3 epochs), then self-critical training from it on the same images.
     start = greedy_train_cider(tiny_run, tiny_records)
     result = CliRunner().invoke(main, [
         "train", str(tiny_records), "-o", str(tmp_path / "scst"), "--objective", "scst", "--init", str(tiny_run),
         "--epochs", "12", "--batch-size", "8", "--learning-rate", "0.005", "--lr-schedule", "constant",
-        "--samples", "4", "--cache-dir", str(tmp_path / "cache"), "--seed", "1", "--patience", "0", "--quiet"])
+        "--samples", "4", "--cache-dir", str(tiny_features), "--seed", "1", "--patience", "0", "--quiet"])
     assert result.exit_code == 0, result.output
     after = greedy_train_cider(tmp_path / "scst", tiny_records)
     assert after > start + 0.5, (start, after)

@@ -41,10 +41,10 @@ def test_run_directory_holds_everything_to_rebuild_the_model(tiny_records, tiny_
     assert isinstance(model.load_model(run), model.Captioner)
 
 
-def test_same_seed_gives_the_same_first_epoch_loss(tiny_records, tmp_path):
-    fit(tiny_records, tmp_path / "a", tmp_path / "cache", epochs=1, seed=5)
-    fit(tiny_records, tmp_path / "b", tmp_path / "cache", epochs=1, seed=5)
-    fit(tiny_records, tmp_path / "c", tmp_path / "cache", epochs=1, seed=6)
+def test_same_seed_gives_the_same_first_epoch_loss(tiny_records, tiny_features, tmp_path):
+    fit(tiny_records, tmp_path / "a", tiny_features, epochs=1, seed=5)
+    fit(tiny_records, tmp_path / "b", tiny_features, epochs=1, seed=5)
+    fit(tiny_records, tmp_path / "c", tiny_features, epochs=1, seed=6)
     a, b, c = (epochs_logged(tmp_path / r)[0]["loss"] for r in "abc")
     assert a == b and a != c
 
@@ -113,19 +113,20 @@ def interrupt_after(monkeypatch, steps: int) -> None:
 
 
 @pytest.mark.parametrize("train_encoder", [False, True])
-def test_interrupted_then_resumed_run_ends_in_the_same_state(tiny_records, tmp_path, monkeypatch, train_encoder):
+def test_interrupted_then_resumed_run_ends_in_the_same_state(tiny_records, tiny_features, tmp_path, monkeypatch,
+                                                             train_encoder):
     kwargs = dict(epochs=3, captions_per_image="one", batch_size=4)
     if train_encoder:  # all captions, by image: 2 steps per epoch too
         kwargs = dict(epochs=3, batch_size=4, train_encoder=True, encoder_config=TINY_CONVNET)
-    fit(tiny_records, tmp_path / "straight", tmp_path / "cache", **kwargs)
+    fit(tiny_records, tmp_path / "straight", tiny_features, **kwargs)
     # Ctrl-C lands after a step has run (Python handles signals between steps): here after the
     # fifth, mid-way through epoch 3 (2 steps per epoch). Raising it before the step instead, as
     # this test once did, hid a batch that was applied but not counted and so trained twice.
     interrupt_after(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_records, tmp_path / "resumed", tmp_path / "cache", **kwargs)
+        fit(tiny_records, tmp_path / "resumed", tiny_features, **kwargs)
     monkeypatch.undo()
-    train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tmp_path / "cache", show_progress=False)
+    train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tiny_features, show_progress=False)
 
     straight, resumed = model.load_model(tmp_path / "straight"), model.load_model(tmp_path / "resumed")
     for a, b in zip(straight.decoder.weights + straight.encoder.model.weights,
@@ -195,20 +196,20 @@ def test_mixed_float16_trains_with_loss_scaling(tiny_records, tmp_path):
     assert scores.dtype == tf.float32 and np.isfinite(scores.numpy()).all()
 
 
-def test_ctrl_c_after_an_applied_step_then_resume_is_bit_identical(tiny_records, tmp_path, monkeypatch):
+def test_ctrl_c_after_an_applied_step_then_resume_is_bit_identical(tiny_records, tiny_features, tmp_path, monkeypatch):
     """The batch Ctrl-C lands after is counted, so --resume does not train it twice; the resumed
     epoch's metrics line covers the whole epoch, as in an uninterrupted run; the resumed run reuses
     the feature cache although its encoder comes from RUN_DIR/encoder.weights.h5."""
     kwargs = dict(epochs=2, kind="attention")  # 64 captions, 8 per step: 8 steps per epoch
-    fit(tiny_records, tmp_path / "straight", tmp_path / "cache", **kwargs)
+    fit(tiny_records, tmp_path / "straight", tiny_features, **kwargs)
     interrupt_after(monkeypatch, 11)  # mid-way through epoch 2
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_records, tmp_path / "resumed", tmp_path / "cache", **kwargs)
+        fit(tiny_records, tmp_path / "resumed", tiny_features, **kwargs)
     monkeypatch.undo()
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # as if killed between a line and its checkpoint
         f.write(json.dumps({"epoch": 2, "loss": 0.0}) + "\n")
     monkeypatch.setattr(images, "decode_rgb", lambda data: pytest.fail("--resume re-encoded cached images"))
-    train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tmp_path / "cache", show_progress=False)
+    train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tiny_features, show_progress=False)
 
     straight, resumed = model.load_model(tmp_path / "straight"), model.load_model(tmp_path / "resumed")
     for a, b in zip(straight.decoder.weights, resumed.decoder.weights):
@@ -237,10 +238,11 @@ def test_resumed_encoder_keeps_the_feature_key_of_its_weights_only_while_they_ar
     assert train._resumed_encoder(config, "float32", saved).feature_key != original.feature_key
 
 
-def test_resume_with_more_epochs_extends_the_run_and_refuses_other_changed_options(tiny_records, tmp_path):
+def test_resume_with_more_epochs_extends_the_run_and_refuses_other_changed_options(tiny_records, tiny_features,
+                                                                                   tmp_path):
     run = tmp_path / "run"
-    fit(tiny_records, run, tmp_path / "cache", epochs=2, lr_schedule="cosine", learning_rate=0.01)
-    resume = ["train", str(tiny_records), "-o", str(run), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--resume"]
+    fit(tiny_records, run, tiny_features, epochs=2, lr_schedule="cosine", learning_rate=0.01)
+    resume = ["train", str(tiny_records), "-o", str(run), "--cache-dir", str(tiny_features), "--quiet", "--resume"]
     result = CliRunner().invoke(main, resume + ["--decoder", "attention", "--epochs", "3"])
     assert result.exit_code == 2, result.output
     assert result.output.count("\n") == 1 and "--decoder attention differs from the merge" in result.output
