@@ -1,4 +1,4 @@
-"""`tfcap caption-dir`, `caption` and `export` on generated files and a tiny trained model."""
+"""`tfcap caption-dir`, `caption` and `export` on generated files and a tiny trained model (conftest's tiny_run)."""
 
 from __future__ import annotations
 
@@ -20,22 +20,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 from PIL import Image
 
-from test_train import TINY_ENCODER, fit, tiny_records  # noqa: F401  (module fixture)
 from tfcap.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_records, tmp_path_factory) -> Path:  # noqa: F811
-    run = tmp_path_factory.mktemp("run") / "run"
-    fit(tiny_records, run, run.parent / "cache", epochs=3)
-    return run
-
-
-@pytest.fixture(scope="module")
-def tiny_attention_run(tiny_records, tmp_path_factory) -> Path:  # noqa: F811
-    run = tmp_path_factory.mktemp("attention") / "run"
-    fit(tiny_records, run, run.parent / "cache", kind="attention", epochs=2)
-    return run
 
 
 def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -306,10 +291,11 @@ def test_encode_then_decode_is_caption_pixels(tiny_run, tmp_path):
     np.testing.assert_allclose(got["scores"].numpy(), want["scores"].numpy(), atol=1e-6)
 
 
-def test_attention_run_and_its_savedmodel_give_the_same_captions(zoo, tiny_attention_run, tmp_path):
+def test_attention_run_and_its_savedmodel_give_the_same_captions(zoo, overfitted, tmp_path):
     from tfcap import export
 
     root, _ = zoo
+    tiny_attention_run = overfitted("attention")
     saved = export.export(tiny_attention_run, tmp_path / "saved", beam_size=3)
     assert set(export.load_predictor(saved).encode(tf.zeros([1, 32, 32, 3]))) == {"grid"}
     from_run, from_saved = tmp_path / "run.csv", tmp_path / "saved.csv"

@@ -11,8 +11,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from conftest import flickr8k, needs_flickr8k
-from test_train import CAPTIONS, fit, tile, tiny_records  # noqa: F401  (module fixture)
+from conftest import CAPTIONS, fit, flickr8k, needs_flickr8k, tile
 from tfcap import confidence, model as models
 from tfcap.cli import main
 from tfcap.datasets.flickr8k import read_expert_judgments
@@ -25,10 +24,10 @@ TINY = confidence.ConfidenceConfig(embed_dim=16, units=32, joint_dim=32, dropout
 
 
 @pytest.fixture(scope="module")
-def fitted_run(tiny_records, tmp_path_factory) -> Path:  # noqa: F811
+def fitted_run(tiny_records, tiny_features, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("confidence") / "run"
-    fit(tiny_records, run, run.parent / "cache", epochs=30)
-    confidence.fit(run, tiny_records, TINY, cache_dir=run.parent / "cache", show_progress=False)
+    fit(tiny_records, run, tiny_features, epochs=30)
+    confidence.fit(run, tiny_records, TINY, cache_dir=tiny_features, show_progress=False)
     return run
 
 
@@ -55,7 +54,7 @@ def test_logistic_regression_recovers_known_weights():
     np.testing.assert_allclose(confidence.fit_logistic(x, y), [2.0, -1.0, 0.0, 0.5], atol=0.2)
 
 
-def test_confidence_ranks_an_images_own_caption_above_the_others(fitted_run, tiny_records):  # noqa: F811
+def test_confidence_ranks_an_images_own_caption_above_the_others(fitted_run, tiny_records):
     captioner = models.load_model(fitted_run)
     assert captioner.assessor is not None
     saved = json.loads((fitted_run / confidence.CONFIG).read_text())

@@ -17,9 +17,9 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from conftest import flickr8k, needs_flickr8k
+from conftest import fit, flickr8k, needs_flickr8k
 from test_caption import serve_without_tfcap
-from test_train import TINY_CONVNET, fit, tiny_records  # noqa: F401  (module fixture)
+from test_train import TINY_CONVNET
 from tfcap import caption, export, labels, model, rows
 from tfcap.backbones import efficientnet_lite
 from tfcap.cli import main
@@ -73,7 +73,7 @@ def pooled_of(predictor: export.Predictor, folder: Path, names: list[str]) -> di
 
 
 @pytest.fixture(scope="module")
-def labelled(tiny_records, tmp_path_factory):  # noqa: F811
+def labelled(tiny_records, tmp_path_factory):
     """A 1-epoch convnet run, its serving module with a known classifier (2 labels), that module as a
     SavedModel, a folder of 5 photos and a bad file, and each photo's expected labels."""
     root = tmp_path_factory.mktemp("labelled")
@@ -187,7 +187,7 @@ def test_a_savedmodel_exported_before_labels_and_ngram_blocking_still_captions(l
         assert refused.exit_code == 2 and message in refused.output, refused.output
 
 
-def test_an_attention_captioner_reads_the_pooled_features_for_its_labels(tiny_records, tmp_path):  # noqa: F811
+def test_an_attention_captioner_reads_the_pooled_features_for_its_labels(tiny_records, tmp_path):
     fit(tiny_records, tmp_path / "run", tmp_path / "cache", kind="attention", epochs=1, encoder_config=TINY_CONVNET)
     module = labelled_module(tmp_path / "run", count=3)
     predictor = export.Predictor(module, json.loads(module.settings))

@@ -15,7 +15,6 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from test_train import tiny_records  # noqa: F401 (fixture)
 from tfcap import model as models, pretrained
 from tfcap.cli import main
 from tfcap.errors import TfcapError
@@ -98,7 +97,7 @@ def test_commands_use_the_bundled_model_without_model_option(photos, tmp_path):
     assert "BLEU-4" in result.output and "research" in result.output
 
 
-def test_export_and_evaluate_without_model_option(tiny_records, tmp_path, monkeypatch):  # noqa: F811
+def test_export_and_evaluate_without_model_option(tiny_records, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     result = runner.invoke(main, ["export", "-o", "saved"])
