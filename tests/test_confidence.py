@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,31 @@ def test_confidence_ranks_an_images_own_caption_above_the_others(fitted_run, tin
     assert (table.argmax(axis=1) == np.arange(n)).sum() >= n - 2  # own caption first for most images
     assert np.diag(table).mean() > table[~np.eye(n, dtype=bool)].mean() + 0.3
     assert result["in_domain"].all() and (result["typicality"] > 0).all()  # the training images themselves
+
+
+def test_an_attention_run_gets_a_confidence_with_one_grid_slot_per_caption(overfitted, tiny_records, tiny_features,
+                                                                            tmp_path, monkeypatch):
+    """The attention decoder lays out K slots per image, K = the most captions of one image: the image pass
+    (one caption per image) and the average image's pass (one image, B captions) must not be one call, or
+    every image gets B slots (B x B: the bundled attention model's fit ran out of 24 GB)."""
+    from tfcap import decoder
+
+    run = tmp_path / "run"
+    shutil.copytree(overfitted("attention"), run)
+    confidence.fit(run, tiny_records, TINY, cache_dir=tiny_features, show_progress=False)
+    captioner = models.load_model(run)
+    pixels = tf.stack([captioner.preprocess_bytes(tf.constant(tile(i))) for i in range(len(CAPTIONS))])
+    features = captioner.features(pixels)
+    ids = captioner.word_ids(tf.constant(CAPTIONS))
+    slots, laid_out = [], decoder._slots
+    monkeypatch.setattr(decoder, "_slots", lambda owners, images: slots.append(
+        int(images) * int(tf.reduce_max(tf.math.bincount(owners)))) or laid_out(owners, images))
+    signals = captioner.assessor.signals(features, ids).numpy()
+    assert slots and max(slots) <= len(CAPTIONS)  # B captions of one image, never (B + 1) images x B
+    own = confidence.caption_log_probs(captioner.decoder, features, ids)  # the image pass alone
+    np.testing.assert_allclose(signals[:, confidence.FEATURES.index("log_prob")], (own[0] / own[1]).numpy(), rtol=1e-5)
+    trust = captioner.assess(features, ids)["confidence"].numpy()
+    assert ((trust >= 0) & (trust <= 1)).all()
 
 
 def test_an_image_unlike_the_training_images_is_out_of_domain_and_trusted_less(fitted_run):

@@ -178,15 +178,14 @@ class Assessor(tf.Module):
         only the average image's pass runs; None: both passes, by teacher forcing.
         """
         batch = tf.shape(ids)[0]
-        # The average image is one row of features that every caption's prior pass shares (`owners`):
-        # the attention decoder projects its grid once, not once per caption.
         if image_score is None:
-            both = {k: tf.concat([tf.cast(features[k], tf.float32), self.prior[k]], axis=0) for k in self.prior}
-            owners = tf.concat([tf.range(batch), tf.fill([batch], batch)], axis=0)
-            log_p, tokens = caption_log_probs(self.decoder, both, tf.concat([ids, ids], axis=0), owners)
-            image_score, prior_log_p, tokens = log_p[:batch] / tokens[:batch], log_p[batch:], tokens[:batch]
-        else:
-            prior_log_p, tokens = caption_log_probs(self.decoder, self.prior, ids, tf.zeros([batch], tf.int32))
+            log_p, tokens = caption_log_probs(self.decoder, {k: tf.cast(features[k], tf.float32) for k in self.prior}, ids)
+            image_score = log_p / tokens
+        # The average image is one row of features that every caption's prior pass shares (`owners`):
+        # the attention decoder projects its grid once, not once per caption. (Not in one call with the
+        # images' pass: the attention decoder lays out as many slots for every image as its most
+        # captioned image has, here the average image's B.)
+        prior_log_p, tokens = caption_log_probs(self.decoder, self.prior, ids, tf.zeros([batch], tf.int32))
         match = tf.reduce_sum(self.matcher.image(pooled_of(features)) * self.matcher.caption(_trimmed(ids)[0]), axis=1)
         return tf.stack([match, image_score - prior_log_p / tokens, image_score], axis=1)
 
