@@ -70,7 +70,7 @@ def test_models_command_without_bundled_models_is_one_line(tmp_path, monkeypatch
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 2 and result.output == "Error: this tfcap installation has no bundled model\n"
     result = CliRunner().invoke(main, ["caption-dir", str(tmp_path), "-o", str(tmp_path / "out.csv")])
-    assert result.exit_code == 2 and "no bundled model 'flickr8k-lite2-merge'" in result.output
+    assert result.exit_code == 2 and f"no bundled model '{pretrained.DEFAULT}'" in result.output
     assert "pass --model" in result.output and not (tmp_path / "out.csv").exists()
 
 

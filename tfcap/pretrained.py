@@ -17,7 +17,7 @@ from pathlib import Path
 from tfcap.errors import TfcapError
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT = "flickr8k-lite2-merge"
+DEFAULT = "flickr8k-lite2-attention"
 CARD = "card.json"
 DECODING = "decoding.json"  # export.DECODING, read here without importing TensorFlow
 
