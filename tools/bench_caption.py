@@ -140,9 +140,12 @@ def speed(args) -> None:
         run = Path(args.model)
         files = link_images(Path(args.images_dir), args.images, work / "images")
         predictor = export.load_predictor(run, beam_size=3, precision=args.precision)  # caption-dir's
-        notebook = args.notebook_images > 0
-        captioner = model.load_model(run) if notebook else None  # the notebook's: stock Keras layers
         config = predictor.settings["model"]
+        # The notebook (c) is the merge architecture in stock Keras layers: it has no attention decoder.
+        notebook = args.notebook_images > 0 and config["decoder"]["kind"] == "merge"
+        if args.notebook_images and not notebook:
+            print(f"(c) skipped: the notebook's decoder is a merge LSTM, this model's is {config['decoder']['kind']}")
+        captioner = model.load_model(run) if notebook else None  # the notebook's: stock Keras layers
         print(f"model: {config['encoder']['name']} at {predictor.settings['image_size']}, vocabulary "
               f"{config['vocab_size']}, {len(files)} images; (a) and (b) in {predictor.settings['encoder_precision']}"
               + (f", (c) in {captioner.encoder.precision}" if notebook else ""), flush=True)
