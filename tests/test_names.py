@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_edges import ok, png, world  # noqa: F401  (session fixture: a tiny trained run)
+from conftest import ok, png
 from tfcap import names
 
 # Byte names a POSIX file system allows: Latin-1, a cut UTF-8 sequence, a literal backslash escape.

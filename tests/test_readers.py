@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_edges import invoke, ok, png
+from conftest import invoke, ok, png
 from test_edges import one_error as edges_one_error
 
 LONGEST = 600  # characters of an Error line, paths included
