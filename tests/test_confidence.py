@@ -191,17 +191,22 @@ def test_expert_judgments_leave_out_the_images_own_captions(tmp_path):
 
 @needs_flickr8k
 def test_bundled_confidence_ranks_flickr8k_expert_judgments_beyond_cider(tmp_path):
-    """Kendall tau-c of the bundled model's confidence on Flickr8k-Expert (cached features would be
-    faster, but this is the path users take: `tfcap score` from the images)."""
+    """Kendall tau-c of the bundled model's confidence on Flickr8k-Expert, the judged pairs of the first 300
+    of its 1,000 images by name (1,736 pairs; on them 46.7, on all 46.6: tools/bench_confidence.py measures
+    all), through the path users take: `tfcap score` from the images. CIDEr's tau-c on all is 43.9."""
     pairs = read_expert_judgments(flickr8k())
+    first = set(sorted({image for image, _, _ in pairs})[:300])
+    pairs = [pair for pair in pairs if pair[0] in first]
     write_pairs(tmp_path / "pairs.csv", flickr8k() / "Images", [(image, caption) for image, caption, _ in pairs])
     result = CliRunner().invoke(main, ["score", str(tmp_path / "pairs.csv"), "--images", str(flickr8k() / "Images"),
                                        "-o", str(tmp_path / "out.csv"), "--quiet"])
     assert result.exit_code == 0, result.output
     with open(tmp_path / "out.csv", newline="") as f:
-        trust = np.array([float(r["confidence"]) for r in csv.DictReader(f)])
-    judged = np.array([j for _, _, j in pairs])
-    assert 100 * confidence.kendall_tau_c(np.repeat(trust, 3), judged.reshape(-1)) >= 45
+        rows = list(csv.DictReader(f))
+    judged = np.array([j for _, _, j in pairs]).reshape(-1)
+    tau_c = {column: 100 * confidence.kendall_tau_c(np.repeat([float(r[column]) for r in rows], 3), judged)
+             for column in ("confidence", "score")}
+    assert tau_c["confidence"] >= 45 and tau_c["confidence"] >= tau_c["score"] + 10, tau_c
 
 
 def test_the_same_confidence_from_caption_dir_both_engines_score_caption_and_the_savedmodel(fitted_run, tmp_path):
