@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from conftest import CAPTIONS, fit, flickr8k, needs_flickr8k, tile
+from conftest import CAPTIONS, flickr8k, needs_flickr8k, tile
 from tfcap import confidence, model as models
 from tfcap.cli import main
 from tfcap.datasets.flickr8k import read_expert_judgments
@@ -25,9 +25,10 @@ TINY = confidence.ConfidenceConfig(embed_dim=16, units=32, joint_dim=32, dropout
 
 
 @pytest.fixture(scope="module")
-def fitted_run(tiny_records, tiny_features, tmp_path_factory) -> Path:
+def fitted_run(tiny_records, tiny_features, overfitted, tmp_path_factory) -> Path:
+    """A copy of the merge run that reproduces its training captions, with a confidence fitted."""
     run = tmp_path_factory.mktemp("confidence") / "run"
-    fit(tiny_records, run, tiny_features, epochs=30)
+    shutil.copytree(overfitted("merge"), run)
     confidence.fit(run, tiny_records, TINY, cache_dir=tiny_features, show_progress=False)
     return run
 
