@@ -1,4 +1,4 @@
-"""`tfcap caption-dir`, `caption` and `export` on generated files and a tiny trained model."""
+"""`tfcap caption-dir`, `caption` and `export` on generated files and a tiny trained model (conftest's tiny_run)."""
 
 from __future__ import annotations
 
@@ -20,22 +20,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 from PIL import Image
 
-from test_train import TINY_ENCODER, fit, tiny_records  # noqa: F401  (module fixture)
 from tfcap.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_records, tmp_path_factory) -> Path:  # noqa: F811
-    run = tmp_path_factory.mktemp("run") / "run"
-    fit(tiny_records, run, run.parent / "cache", epochs=3)
-    return run
-
-
-@pytest.fixture(scope="module")
-def tiny_attention_run(tiny_records, tmp_path_factory) -> Path:  # noqa: F811
-    run = tmp_path_factory.mktemp("attention") / "run"
-    fit(tiny_records, run, run.parent / "cache", kind="attention", epochs=2)
-    return run
 
 
 def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -190,16 +175,69 @@ def test_resume_refuses_a_foreign_csv_without_touching_it(tiny_run, tmp_path):
     assert out.read_text() == "name,value\nkeep,this"
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_resume_completes_a_file_written_before_labels_in_its_own_columns(tiny_run, tmp_path, fmt):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(tf.io.encode_png(np.full((8, 8, 3), i * 80, np.uint8)).numpy())
+    out = tmp_path / f"out.{fmt}"
+    old = ("path,caption,score,error\n0.png,a cat,-1.0000,\n" if fmt == "csv"
+           else '{"path": "0.png", "caption": "a cat", "score": -1.0, "error": ""}\n')
+    out.write_text(old)
+    result = caption_dir(folder, "-o", out, "--model", tiny_run, "--resume")
+    assert f"{out} has no confidence, in_domain, typicality, labels column" in result.stderr
+    text = out.read_text()
+    assert text.startswith(old)
+    found = read_csv(out) if fmt == "csv" else [json.loads(line) for line in text.splitlines()]
+    assert [r["path"] for r in found] == ["0.png", "1.png", "2.png"]
+    assert all(list(r) == ["path", "caption", "score", "error"] for r in found)  # no row of another layout
+    assert all(r["caption"] for r in found)
+
+
+def test_resume_refuses_a_file_with_a_column_this_tfcap_does_not_write(tiny_run, tmp_path):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    (folder / "0.png").write_bytes(tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy())
+    out = tmp_path / "newer.csv"
+    out.write_text("path,caption,score,rating,labels,error\n1.png,a cat,-1.0000,0.5000,,\n")
+    before = out.read_bytes()
+    result = caption_dir(folder, "-o", out, "--model", tiny_run, "--resume", ok=False)
+    assert result.exit_code == 2 and result.output.count("Error:") == 1
+    assert "has columns this tfcap does not write (rating)" in result.output
+    assert out.read_bytes() == before
+
+
 def test_caption_prints_path_tab_caption(zoo, tiny_run):
     root, _ = zoo
     result = CliRunner().invoke(main, ["caption", str(root / "plain.jpg"), str(root / "gray.png"),
                                        "--model", str(tiny_run), "--beam-size", "1"])
     assert result.exit_code == 0, result.output
-    lines = result.stdout.strip().splitlines()
+    lines = result.stdout.strip("\n").splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(root / "plain.jpg"), str(root / "gray.png")]
     assert all(line.split("\t")[1] for line in lines)
+    # Then the other fields as caption-dir's CSV writes them: the score, confidence, in_domain and
+    # typicality (none: no fitted confidence), the labels (none: no classifier).
+    assert all(len(line.split("\t")) == 7 and float(line.split("\t")[2]) <= 0 and line.endswith("\t" * 4)
+               for line in lines)
     bad = CliRunner().invoke(main, ["caption", str(root / "text.png"), "--model", str(tiny_run)])
     assert bad.exit_code == 1 and "not an image" in bad.output
+
+
+def serve_without_tfcap(saved: Path, files: list[Path], expression: str, folder: Path):
+    """`expression` (JSON-able Python over `out`, the outputs of the SavedModel's serving_default on the
+    bytes of `files`), computed in a fresh process that never imports tfcap."""
+    script = (
+        "import sys, json, tensorflow as tf\n"
+        f"model = tf.saved_model.load({str(saved)!r})\n"
+        f"data = [open(name, 'rb').read() for name in {[str(f) for f in files]!r}]\n"
+        "out = model.signatures['serving_default'](images=tf.constant(data))\n"
+        "assert 'tfcap' not in sys.modules\n"
+        f"print(json.dumps({expression}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=folder, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_export_round_trip_in_a_fresh_process_and_same_captions_as_the_run(zoo, tiny_run, tmp_path):
@@ -212,17 +250,8 @@ def test_export_round_trip_in_a_fresh_process_and_same_captions_as_the_run(zoo, 
     caption_dir(root, "-o", from_saved, "--model", saved)
     assert read_csv(from_run) == read_csv(from_saved)
 
-    script = (
-        "import sys, json, tensorflow as tf\n"
-        f"model = tf.saved_model.load({str(saved)!r})\n"
-        f"data = [open({str(root / 'plain.jpg')!r}, 'rb').read(), open({str(root / 'rgba.png')!r}, 'rb').read()]\n"
-        "out = model.signatures['serving_default'](images=tf.constant(data))\n"
-        "assert 'tfcap' not in sys.modules\n"
-        "print(json.dumps([c.decode() for c in out['captions'].numpy()]))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    captions = json.loads(proc.stdout.strip().splitlines()[-1])
+    captions = serve_without_tfcap(saved, [root / "plain.jpg", root / "rgba.png"],
+                                   "[c.decode() for c in out['captions'].numpy()]", tmp_path)
     rows = {r["path"]: r["caption"] for r in read_csv(from_run)}
     assert captions == [rows["plain.jpg"], rows["rgba.png"]]
     beam_clash = caption_dir(root, "-o", tmp_path / "x.csv", "--model", saved, "--beam-size", "5", ok=False)
@@ -234,7 +263,7 @@ def test_savedmodel_without_encode_and_decode_still_captions(zoo, tiny_run, tmp_
     from tfcap import export
 
     root, _ = zoo
-    module = export.serving_module(tiny_run, beam_size=3, length_penalty=0.0, precision=None)
+    module = export.serving_module(tiny_run, export.Decoding(beam_size=3), precision=None)
     del module.encode, module.decode
     old = tmp_path / "old"
     tf.saved_model.save(module, str(old), signatures={"serving_default": module.serve})
@@ -256,16 +285,17 @@ def test_encode_then_decode_is_caption_pixels(tiny_run, tmp_path):
                        for _ in range(5)])
     features = predictor.encode(pixels)
     assert set(features) == {"pooled"} and features["pooled"].shape[0] == 5  # only what the merge decoder reads
-    captions, scores = predictor.decode(features)
-    want_captions, want_scores = predictor.caption_pixels(pixels)
-    assert captions.numpy().tolist() == want_captions.numpy().tolist()
-    np.testing.assert_allclose(scores.numpy(), want_scores.numpy(), atol=1e-6)
+    got, want = predictor.decode(features), predictor.caption_pixels(pixels)
+    assert set(got) == set(want) == {"captions", "scores"}  # a random-init MobileNet has no classifier
+    assert got["captions"].numpy().tolist() == want["captions"].numpy().tolist()
+    np.testing.assert_allclose(got["scores"].numpy(), want["scores"].numpy(), atol=1e-6)
 
 
-def test_attention_run_and_its_savedmodel_give_the_same_captions(zoo, tiny_attention_run, tmp_path):
+def test_attention_run_and_its_savedmodel_give_the_same_captions(zoo, overfitted, tmp_path):
     from tfcap import export
 
     root, _ = zoo
+    tiny_attention_run = overfitted("attention")
     saved = export.export(tiny_attention_run, tmp_path / "saved", beam_size=3)
     assert set(export.load_predictor(saved).encode(tf.zeros([1, 32, 32, 3]))) == {"grid"}
     from_run, from_saved = tmp_path / "run.csv", tmp_path / "saved.csv"
@@ -309,3 +339,39 @@ def test_bfloat16_encoder_at_caption_time_and_its_savedmodel(zoo, tiny_run, tmp_
     assert export.load_predictor(saved).settings["encoder_precision"] == "mixed_bfloat16"
     clash = caption_dir(root, "-o", tmp_path / "x.csv", "--model", saved, "--precision", "float32", ok=False)
     assert clash.exit_code == 2 and "exported with encoder precision mixed_bfloat16" in clash.output
+
+
+def test_no_repeat_ngram_from_decoding_json_the_options_and_a_savedmodel(tiny_run, tiny_records, tmp_path):  # noqa: F811
+    import shutil
+
+    from tfcap import export
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "decoding.json").write_text('{"beam_size": 2, "length_penalty": 0.5, "no_repeat_ngram": 3}\n')
+    assert export.run_decoding(run) == export.Decoding(beam_size=2, length_penalty=0.5, no_repeat_ngram=3)
+    assert export.run_decoding(run, no_repeat_ngram=0) == export.Decoding(2, 0.5, 0)  # the option wins
+    saved = tmp_path / "saved"
+    result = CliRunner().invoke(main, ["export", str(run), "-o", str(saved)])
+    assert result.exit_code == 0, result.output
+    assert "no repeated 3-grams, 0 labels" in result.stderr  # a random-init MobileNet has no classifier
+    assert export.load_predictor(saved, no_repeat_ngram=3).settings["no_repeat_ngram"] == 3
+    for command in (["caption-dir", str(tmp_path), "-o", str(tmp_path / "x.csv"), "--model", str(saved)],
+                    ["evaluate", "--model", str(saved), str(tiny_records), "--split", "val", "--no-meteor",
+                     "-o", str(tmp_path / "e")]):
+        refused = CliRunner().invoke(main, [*command, "--no-repeat-ngram", "2"])
+        assert refused.exit_code == 2 and "exported with no repeat ngram 3; re-export to use 2" in refused.output
+
+
+def test_choose_decoding_tries_n_gram_blocking_and_prints_the_decoding_json(tiny_run, tiny_records, tmp_path):  # noqa: F811
+    tool = Path(__file__).resolve().parent.parent / "tools" / "choose_decoding.py"
+    proc = subprocess.run([sys.executable, str(tool), str(tiny_run), str(tiny_records), "--beams", "1", "2",
+                           "--penalties", "0", "--no-repeat-ngrams", "0", "2", "--cache-dir", str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    settings = [line.split(":")[0] for line in lines[:-1]]
+    assert settings == [f"beam {b} length penalty 0 no repeated {n}-grams" for b in (1, 2) for n in (0, 2)]
+    assert all("repeating a 2-gram" in line for line in lines[:-1])
+    chosen = json.loads(lines[-1].split("decoding.json: ")[1])
+    assert set(chosen) == {"beam_size", "length_penalty", "no_repeat_ngram"} and chosen["no_repeat_ngram"] in (0, 2)

@@ -288,3 +288,143 @@ def test_two_stage_top_k_equals_top_k_ties_included(vocab, chunk, k):
     got = tf.function(lambda x: _top_k(x, k, chunk=chunk))(x)
     np.testing.assert_array_equal(got[0].numpy(), want[0].numpy())
     np.testing.assert_array_equal(got[1].numpy(), want[1].numpy())
+
+
+# --- No repeated n-grams (no_repeat_ngram) ---------------------------------------------------------------
+
+def repeated_ngrams(row, n) -> bool:
+    """Whether a caption (tokens up to `<end>` or the end of the row) holds some n-gram twice."""
+    words = [int(t) for t in row if t not in (END_ID, PAD_ID)]
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+# "a man wearing a man wearing ...": after <start> the model says "a", then goes round the cycle
+# a -> man -> wearing -> a (0.8 each step; "hat" after "a" is its second choice, then "is", back to
+# "wearing"); `<end>` is unlikely (0.005), so captions run to max_length and repeat themselves.
+A, MAN, WEARING, HAT, IS = 4, 5, 6, 7, 8
+CYCLE = {START_ID: A, A: MAN, MAN: WEARING, WEARING: A, HAT: IS, IS: WEARING}
+
+
+def phrase_table(vocab=9):
+    p = np.full((vocab, vocab), 0.15 / (vocab - 4))
+    p[:, [PAD_ID, START_ID]] = 0
+    p[:, END_ID] = 0.005
+    for token, nxt in CYCLE.items():
+        p[token, nxt] += 0.8
+    p[A, HAT] += 0.7  # "a" goes on to "man" first, to "hat" when "a man" is blocked
+    return p / p.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("search, options", [(beam_search, {"beam_size": 3}), (greedy_search, {}),
+                                             (beam_search, {"beam_size": 3, "length_penalty": 1.0})])
+def test_a_model_that_repeats_a_phrase_repeats_none_with_blocking(search, options):
+    step, context = table_step(phrase_table()), tf.zeros([2, 1])
+    free = search(step, (), context, max_length=12, **options)[0].numpy()
+    assert all(repeated_ngrams(row, 3) for row in free), free  # the model alone repeats "a man wearing"
+    for n in (2, 3, 4):
+        tokens, scores, lengths = search(step, (), context, max_length=12, no_repeat_ngram=n, **options)
+        tokens, scores = tokens.numpy(), scores.numpy()
+        assert not any(repeated_ngrams(row, n) for row in tokens), (n, tokens)
+        assert np.isfinite(scores).all() and (lengths.numpy() >= 2).all()
+        # The scores are the caption's own log-probs under the model: blocking changes the choice, not the sums.
+        with np.errstate(divide="ignore"):  # log 0 = -inf: <pad> and <start>, never generated
+            log_table = np.log(phrase_table())
+        for row, length, score in zip(tokens, lengths.numpy(), scores):
+            previous = np.concatenate([[START_ID], row[:length - 1]])
+            assert score == pytest.approx(log_table[previous, row[:length]].sum() / length, abs=1e-5)
+    if search is greedy_search:  # n words at a time: "a man" may come again, "a man wearing" may not
+        n3 = search(step, (), context, max_length=12, no_repeat_ngram=3)[0].numpy()[0]
+        assert list(n3[:5]) == [A, MAN, WEARING, A, MAN] and n3[5] != WEARING, n3
+
+
+def exhaustive_without_repeats(model, features, end_bias, max_length, n, length_penalty):
+    """`exhaustive_best` over the captions that hold no n-gram twice."""
+    captions = [words + (END_ID,) for k in range(1, max_length) for words in itertools.product(WORDS, repeat=k)]
+    captions += list(itertools.product(WORDS, repeat=max_length))
+    captions = [c for c in captions if not repeated_ngrams(c, n)]
+    lengths = np.array([len(c) for c in captions])
+    padded = np.array([c + (PAD_ID,) * (max_length - len(c)) for c in captions])
+    count = len(captions)
+    sums = sequence_log_probs(model, tf.repeat(features[None], count, axis=0), tf.fill([count], end_bias), padded)
+    rank = sums / lengths.astype(np.float64) ** length_penalty
+    best = int(np.argmax(rank))
+    return padded[best], sums[best], lengths[best]
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_beam_search_with_blocking_equals_exhaustive_search_over_captions_without_repeats(length_penalty):
+    model, max_length = TinyModel(seed=5, scale=1.0), 5
+    features, end_bias = images(6, seed=6, end_bias=[-3.0] * 6)  # long captions, where repeats are possible
+    plain = decoder(model, beam_search, beam_size=V ** 3, max_length=max_length, length_penalty=length_penalty)
+    assert any(repeated_ngrams(row, 2) for row in plain(features, end_bias)[0])  # blocking has work to do
+    # 7**3 beams hold every candidate of every step (at most 3**4 prefixes of 4 words, times 4 tokens).
+    run = decoder(model, beam_search, beam_size=V ** 3, max_length=max_length, length_penalty=length_penalty,
+                  no_repeat_ngram=2)
+    tokens, scores, lengths = run(features, end_bias)
+    for b in range(6):
+        caption, total, length = exhaustive_without_repeats(model, features[b], -3.0, max_length, 2, length_penalty)
+        assert tokens[b].tolist() == caption.tolist() and lengths[b] == length
+        assert scores[b] == pytest.approx(total / length, abs=1e-5)
+
+
+def test_greedy_with_blocking_is_the_numpy_rollout_with_blocking():
+    model, max_length, n = TinyModel(seed=7), 8, 2
+    features, end_bias = images(10, seed=8, end_bias=[-2.0] * 10)
+    tokens, scores, lengths = decoder(model, greedy_search, max_length=max_length, no_repeat_ngram=n)(features,
+                                                                                                        end_bias)
+    context = {"features": features, "end_bias": end_bias}
+    state, previous = model.initial_state(features), np.full(10, START_ID, np.int32)
+    want, done = np.full((10, max_length), PAD_ID), np.zeros(10, bool)
+    for t in range(max_length):
+        log_probs, state = model.step(tf.constant(previous), state, context)
+        log_probs = log_probs.numpy().copy()
+        log_probs[:, [PAD_ID, UNK_ID, START_ID] + ([END_ID] if t == 0 else [])] = -np.inf
+        for row in range(10):  # the definition, one hypothesis and one earlier n-gram at a time
+            for i in range(t - n + 1):
+                if list(want[row, i:i + n - 1]) == list(want[row, t - n + 1:t]):
+                    log_probs[row, want[row, i + n - 1]] = -np.inf
+        previous = log_probs.argmax(axis=1).astype(np.int32)
+        want[~done, t] = previous[~done]
+        done |= previous == END_ID
+    np.testing.assert_array_equal(tokens, want)
+    assert not any(repeated_ngrams(row, n) for row in tokens)
+
+
+@pytest.mark.parametrize("search, options", [(beam_search, {"beam_size": 3, "length_penalty": 1.0}),
+                                             (beam_search, {"beam_size": 5}), (greedy_search, {})])
+def test_blocking_with_nothing_to_block_is_bit_identical_to_no_blocking(search, options):
+    """A model that never says a word twice in a row, 6 tokens, no 5-gram twice: a repeat would be 6 equal
+    tokens, so the blocking runs (6 > 5) but only ever bans what is already -inf, and must not move a bit."""
+    rng = np.random.default_rng(13)
+    p = rng.uniform(0.1, 1, (9, 9))
+    p[:, [PAD_ID, START_ID]] = 0
+    p[np.arange(4, 9), np.arange(4, 9)] = 0  # never the same word twice in a row
+    step = table_step(p / p.sum(axis=1, keepdims=True))
+    first = tf.constant(rng.integers(4, 9, 8), tf.int32)
+
+    def run(**blocking):  # each image's first word follows a word of its own: captions differ
+        shifted = lambda t, state, context: step(tf.where(t == START_ID, context, t), state, context)
+        return [x.numpy() for x in search(shifted, (), first, max_length=6, **blocking, **options)]
+
+    for off, idle in zip(run(), run(no_repeat_ngram=5)):
+        np.testing.assert_array_equal(off, idle)
+
+
+@pytest.mark.parametrize("value", [-1, 2.0, True])
+def test_bad_no_repeat_ngram_is_a_user_error(value):
+    with pytest.raises(TfcapError, match="no-repeat n-gram"):
+        beam_search(lambda t, s, c: (None, s), (), tf.zeros([1, 1]), beam_size=2, max_length=4, no_repeat_ngram=value)
+
+
+def test_blocking_exports_in_a_savedmodel(tmp_path):
+    step = table_step(phrase_table())
+
+    class Captioner(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 1])])
+        def __call__(self, context):
+            return beam_search(step, (), context, beam_size=3, max_length=12, no_repeat_ngram=3)
+
+    tf.saved_model.save(Captioner(), str(tmp_path / "m"))
+    tokens = tf.saved_model.load(str(tmp_path / "m"))(tf.zeros([4, 1]))[0].numpy()
+    assert tokens.shape == (4, 12) and not any(repeated_ngrams(row, 3) for row in tokens)

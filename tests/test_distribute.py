@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from test_train import epochs_logged, tiny_records  # noqa: F401  (module fixture)
+from conftest import epochs_logged
 from tfcap import cli, distribute, model, records
 from tfcap.cli import main
 from tfcap.errors import TfcapError
@@ -45,14 +45,15 @@ def captions_of(run_dir: Path, records_dir: Path, images: int = 8) -> list[str]:
     return out
 
 
-def test_mirrored_over_two_cpus_trains_like_one_device_and_resume_may_change_the_strategy(tiny_records, tmp_path):
+def test_mirrored_over_two_cpus_trains_like_one_device_and_resume_may_change_the_strategy(tiny_records, tiny_features,
+                                                                                         tmp_path):
     """Dropout 0: its masks are drawn per tensor shape, so a replica's slice of the batch draws other
     masks than the whole batch does on one device (as valid, not the same numbers). 64 captions of
     one length in batches of 7: the last batch has one row, so one replica trains on an empty slice.
     A small --clip-norm clips every step, so that clipping each replica's gradient before the sum
     (what Keras' global_clipnorm does under a strategy) would show: Adam hides a gradient's scale.
     Then the one-device run is resumed under mirrored: a run may move to other devices."""
-    cache = tmp_path / "cache"
+    cache = tiny_features  # the tiny encoder's features: nothing to encode here
     script = textwrap.dedent(f"""
         import json, sys
         import tensorflow as tf

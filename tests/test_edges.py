@@ -2,42 +2,27 @@
 
 Each case asserts the exit code, exactly one `Error: ...` line on stderr naming the thing (for exit
 code 2), no traceback, and nothing half-written. Commands run in process through click's CliRunner;
-one tiny trained run (session fixture `world`) serves every case.
+one tiny trained run (conftest's session fixture `world`) serves every case.
 """
 
 from __future__ import annotations
 
 import csv
 import errno
-import io
 import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import tensorflow as tf
-from click.testing import CliRunner
-from PIL import Image
 
+from conftest import invoke, ok
 from tfcap import evaluate, export, model, text, train
-from tfcap.cli import main
 from tfcap.errors import TfcapError
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(*args):
-    result = invoke(*args)
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
 
 
 def one_error(result, *names, code=2) -> str:
@@ -53,42 +38,6 @@ def one_error(result, *names, code=2) -> str:
 
 def listing(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-
-
-def png(i: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((32, 32, 3), [(i * 97) % 256, (i * 53 + 80) % 256, 40], np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory) -> SimpleNamespace:
-    """Records of 6 images (4 train, 1 val, 1 test; 2 captions each), a 1-epoch run, and caption-dir
-    outputs (CSV and JSON Lines) of a folder of those images plus an empty `broken.png` and a text file."""
-    root = tmp_path_factory.mktemp("world")
-    images, photos = root / "images", root / "photos"
-    images.mkdir()
-    photos.mkdir()
-    with open(root / "captions.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "caption", "split"])
-        for i, split in enumerate(["train"] * 4 + ["val", "test"]):
-            (images / f"{i}.png").write_bytes(png(i))
-            (photos / f"{i}.png").write_bytes(png(i))
-            writer.writerows([[f"{i}.png", f"a {w} cat", split] for w in ("red", "blue")])
-    (photos / "broken.png").write_bytes(b"")
-    (photos / "notes.txt").write_text("not an image\n")
-    records, run = root / "records", root / "run"
-    ok("build-records", "--captions", root / "captions.csv", "--images", images, "-o", records, "--min-count", "1",
-       "--quiet")
-    trained = ok("train", records, "-o", run, "--encoder", "convnet", "--encoder-weights", "none", "--image-size", "32",
-                 "--units", "16", "--embed-dim", "8", "--epochs", "1", "--eval-every", "0", "--batch-size", "4",
-                 "--quiet")
-    ok("caption-dir", photos, "-o", root / "out.csv", "--model", run, "--quiet")
-    ok("caption-dir", photos, "-o", root / "out.jsonl", "--model", run, "--quiet")  # no --format: from the suffix
-    return SimpleNamespace(root=root, images=images, photos=photos, captions=root / "captions.csv",
-                           records=records, run=run, csv=root / "out.csv", jsonl=root / "out.jsonl",
-                           train_stderr=trained.stderr)
 
 
 @pytest.fixture

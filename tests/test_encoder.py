@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import re
@@ -40,6 +41,13 @@ def random_images(shape, seed=0):
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
+@functools.cache
+def built(config: EncoderConfig):
+    """`build_encoder(config)`, built once per process for the tests that only read it (Xception and
+    Inception-v3 are seconds to build)."""
+    return build_encoder(config)
+
+
 def same_weights(a: keras.Model, b: keras.Model) -> bool:
     wa, wb = a.get_weights(), b.get_weights()
     return len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb))
@@ -72,7 +80,7 @@ def test_config_defaults_and_validation():
 
 @pytest.mark.parametrize("name,size,grid,channels", SMALL)
 def test_architecture_shapes(name, size, grid, channels):
-    encoder = build_encoder(EncoderConfig(name, weights="none", image_size=size))
+    encoder = built(EncoderConfig(name, weights="none", image_size=size))
     assert (encoder.grid_shape, encoder.feature_dim, encoder.size) == (grid, channels, size)
     assert not encoder.model.trainable and not encoder.model.trainable_weights
     assert encoder.weights_id == "none"
@@ -95,7 +103,7 @@ def test_architecture_shapes(name, size, grid, channels):
                                        ("efficientnet_lite1", 64)])
 def test_inference_encoder_folds_batch_norm_and_keeps_features(name, size):
     config = EncoderConfig(name, weights="none", image_size=size, alpha=0.25 if name == "mobilenet" else 1.0)
-    plain, folded = build_encoder(config), build_encoder(config, inference=True)
+    plain, folded = built(config), build_encoder(config, inference=True)
     batch_norms = [layer for layer in plain.model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert batch_norms and not any(isinstance(layer, keras.layers.BatchNormalization) for layer in folded.model.layers)
     removed = sum(len(bn.weights) for bn in batch_norms) - len(batch_norms)  # each BN's 3 or 4 vars -> a bias

@@ -8,8 +8,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from test_caption import tiny_run  # noqa: F401  (module fixtures)
-from test_train import CAPTIONS, tiny_records  # noqa: F401
+from conftest import CAPTIONS
 from tfcap.cli import main
 
 
@@ -20,7 +19,7 @@ def evaluate(*args, ok=True):
     return result
 
 
-def test_predictions_mode_scores_matches_and_reports_the_rest(tiny_records, tmp_path):  # noqa: F811
+def test_predictions_mode_scores_matches_and_reports_the_rest(tiny_records, tmp_path):
     predictions = tmp_path / "out.csv"
     with open(predictions, "w", newline="") as f:
         w = csv.writer(f)
@@ -52,7 +51,7 @@ def test_wrong_captions_score_low_and_references_from_a_dataset_folder(kaggle_da
     assert "images scored" in result.stdout
 
 
-def test_human_baseline_and_model_mode(tiny_records, tiny_run, tmp_path):  # noqa: F811
+def test_human_baseline_and_model_mode(tiny_records, tiny_run, tmp_path):
     evaluate("--human-baseline", "--references", tiny_records, "--split", "train", "-o", tmp_path / "human")
     human = json.loads((tmp_path / "human" / "scores.json").read_text())
     assert human["scores"]["BLEU-4"] == pytest.approx(1.0)  # both references of each image are equal
@@ -64,7 +63,7 @@ def test_human_baseline_and_model_mode(tiny_records, tiny_run, tmp_path):  # noq
     assert 0 <= model["scores"]["BLEU-1"] <= 1
 
 
-def test_usage_errors_are_one_line(tiny_records, tmp_path):  # noqa: F811
+def test_usage_errors_are_one_line(tiny_records, tmp_path):
     both = evaluate("--predictions", tmp_path / "a.csv", "--human-baseline", ok=False)
     assert both.exit_code == 2 and "exactly one of" in both.output
     missing = evaluate("--predictions", tmp_path / "a.csv", "--references", tiny_records, ok=False)

@@ -3,22 +3,25 @@
 import csv
 import json
 
-from click.testing import CliRunner
+import pytest
 
-from conftest import flickr8k, needs_flickr8k
+from conftest import built_once, flickr8k, needs_flickr8k, ok
 from tfcap import records
-from tfcap.cli import main
 
 pytestmark = needs_flickr8k
 
 
-def test_kaggle_and_original_layouts_agree_on_splits_vocabulary_and_token_ids(tmp_path):
+@pytest.fixture(scope="module")
+def kaggle(tmp_path_factory):
+    """Records of the Kaggle layout, which both tests compare with another layout's: built once per session."""
+    build = lambda root: ok("build-records", flickr8k(), "-o", root / "kaggle", "--quiet")  # noqa: E731
+    return built_once(tmp_path_factory, "flickr8k-kaggle-records", build) / "kaggle"
+
+
+def test_kaggle_and_original_layouts_agree_on_splits_vocabulary_and_token_ids(kaggle, tmp_path):
     data = flickr8k()
-    kaggle, original = tmp_path / "kaggle", tmp_path / "original"
-    for args, out in [([str(data)], kaggle),
-                      ([str(data / "Flickr8k_text"), "--images", str(data / "Images")], original)]:
-        result = CliRunner().invoke(main, ["build-records", *args, "-o", str(out), "--quiet"])
-        assert result.exit_code == 0, result.output
+    original = tmp_path / "original"
+    ok("build-records", data / "Flickr8k_text", "--images", data / "Images", "-o", original, "--quiet")
     mk, mo = (json.loads((d / "manifest.json").read_text()) for d in (kaggle, original))
     assert mk["source"]["layout"] == "kaggle" and mo["source"]["layout"] == "original"
     for m in (mk, mo):
@@ -34,7 +37,7 @@ def test_kaggle_and_original_layouts_agree_on_splits_vocabulary_and_token_ids(tm
         assert all(len(ids) == 5 for ids, _ in a.values())
 
 
-def test_flickr8k_as_karpathy_json_gives_the_records_of_the_kaggle_layout(tmp_path):
+def test_flickr8k_as_karpathy_json_gives_the_records_of_the_kaggle_layout(kaggle, tmp_path):
     """Flickr8k converted to Karpathy's dataset_flickr8k.json format (tokens deliberately not tfcap's)."""
     data = flickr8k()
     split_of = {}
@@ -51,10 +54,8 @@ def test_flickr8k_as_karpathy_json_gives_the_records_of_the_kaggle_layout(tmp_pa
     karpathy_json = tmp_path / "dataset_flickr8k.json"
     karpathy_json.write_text(json.dumps({"images": entries, "dataset": "flickr8k"}))
 
-    kaggle, karpathy = tmp_path / "kaggle", tmp_path / "karpathy"
-    for args, out in [([str(data)], kaggle), ([str(karpathy_json), "--images", str(data / "Images")], karpathy)]:
-        result = CliRunner().invoke(main, ["build-records", *args, "-o", str(out), "--quiet"])
-        assert result.exit_code == 0, result.output
+    karpathy = tmp_path / "karpathy"
+    ok("build-records", karpathy_json, "--images", data / "Images", "-o", karpathy, "--quiet")
     mk, mj = (json.loads((d / "manifest.json").read_text()) for d in (kaggle, karpathy))
     assert mj["source"]["layout"] == "karpathy" and mj["vocab_sha256"] == mk["vocab_sha256"]
     assert (kaggle / "vocab.txt").read_text() == (karpathy / "vocab.txt").read_text()

@@ -156,7 +156,7 @@ def test_refuses_to_overwrite(data, tmp_path):
 @pytest.mark.parametrize("content, name, message", [
     (None, "absent.csv", "does not exist"),
     ("image,caption\na.jpg,hello\n", "p.csv", "missing column"),
-    ('{"path": "a.jpg"}\n{oops\n', "p.jsonl", r"p.jsonl:2: not valid JSON"),
+    ('{"path": "a.jpg", "caption": "hi"}\n{oops\n', "p.jsonl", r"p.jsonl:2: not valid JSON"),
     ('["a.jpg"]\n', "p.jsonl", "JSON object"),
     ("path,caption,score,error\na.jpg,hi,high,\n", "p.csv", "not a number"),
 ])
@@ -231,18 +231,64 @@ def test_browser_renders_captions_and_thumbnails(page, tmp_path):
     assert dark_text > 2000  # header and captions in dark ink
 
 
+def _driven(page: Path, tmp_path: Path, script: str) -> str:
+    """The DOM of a copy of `page` after `script` drove its controls, as a user would (its top-level names
+    must not be the page's own: one global scope)."""
+    copy = tmp_path / "driven.html"
+    copy.write_text(page.read_text().replace("</body>", f"<script>{script}</script></body>"))
+    return _chromium(copy, tmp_path / "profile", "--dump-dom")
+
+
 @needs_chromium
 def test_browser_filter_and_sort_controls(page, tmp_path):
     out, _ = page
-    # Drive the controls the way a user would, by appending a script to a copy of the page.
-    driver = ("<script>const s=document.getElementById('show'),o=document.getElementById('order');"
-              "s.value='failed';s.dispatchEvent(new Event('change'));"
-              "o.value='best';o.dispatchEvent(new Event('change'));</script>")
-    copy = tmp_path / "driven.html"
-    copy.write_text(out.read_text().replace("</body>", driver + "</body>"))
-    dom = _chromium(copy, tmp_path / "profile", "--dump-dom")
+    dom = _driven(out, tmp_path, "const s=document.getElementById('show'),o=document.getElementById('order');"
+                  "s.value='failed';s.dispatchEvent(new Event('change'));"
+                  "o.value='best:score';o.dispatchEvent(new Event('change'));")
     cards = _cards(dom)
     assert [path for path, _, _ in cards] == ["gone.jpg", "red.png", "sub/small.jpg", "photo.jpg", "broken.jpg",
                                               "sub/alpha.png", "notes.png", "bad.gif"]  # unscored last
     assert [path for path, hidden, _ in cards if not hidden] == ["gone.jpg", "broken.jpg", "notes.png", "bad.gif"]
     assert "4 shown" in dom
+
+
+# --- The rows' other fields: labels, and a minimum per number -----------------------------------------------
+
+LABELS = {"red.png": "tabby 0.62; tiger cat 0.21", "photo.jpg": "seashore 0.80; lakeside 0.10",
+          "sub/small.jpg": "tiger cat 0.50; lynx 0.20"}
+
+
+@pytest.fixture(scope="module")
+def labelled_page(data) -> Path:
+    predictions = data / "labelled.csv"
+    with open(predictions, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "caption", "score", "labels", "error"])
+        writer.writerows([(p, c, "" if s is None else s, LABELS.get(p, ""), e) for p, c, s, e in ROWS])
+    out = data / "labelled.html"
+    write_gallery(predictions, data / "images", out)
+    return out
+
+
+def test_labels_are_shown_and_searched_and_numbers_get_a_sort_and_a_minimum(data, labelled_page, tmp_path):
+    text = labelled_page.read_text()
+    assert '<div class="labels" title="ImageNet labels">tabby 62% · tiger cat 21%</div>' in text
+    assert text.count('<div class="labels"') == 3
+    red = re.search(r'<figure [^>]*data-path="red.png"[^>]*>', text).group(0)
+    assert 'data-v-score="-0.75"' in red and "tiger cat" in re.search(r'data-text="([^"]*)"', red).group(1)
+    assert '<option value="best:score">' in text and '<input class="min" type="number" step="any" ' \
+        'data-field="score"' in text
+    write_gallery(data / "out.csv", data / "images", tmp_path / "plain.html")  # written before labels existed
+    plain = (tmp_path / "plain.html").read_text()
+    assert '<div class="labels"' not in plain and '<option value="best:score">' in plain
+
+
+@needs_chromium
+def test_browser_minimum_score_and_label_search(labelled_page, tmp_path):
+    dom = _driven(labelled_page, tmp_path, "const low=document.querySelector('input.min[data-field=score]'),"
+                  "text=document.getElementById('q');low.value='-1.1';low.dispatchEvent(new Event('input'));"
+                  "text.value='tiger';text.dispatchEvent(new Event('input'));")
+    # score >= -1.1 and "tiger" among the labels: red.png (-0.75) and sub/small.jpg (-1.0); photo.jpg is
+    # below the minimum and has no tiger, gone.jpg (-0.5) has no tiger.
+    assert [path for path, hidden, _ in _cards(dom) if not hidden] == ["red.png", "sub/small.jpg"]
+    assert "2 shown" in dom

@@ -270,3 +270,12 @@ def test_ptb_tokenize_matches_java_ptbtokenizer(flickr8k_captions):
     for raw, expected, got in mismatches[:20]:
         print(f"  {raw!r}\n    java: {expected}\n    ours: {got}")
     assert rate >= 0.999, mismatches[:5]
+
+
+def test_repeats_a_phrase_is_what_no_repeat_ngram_forbids():
+    from tfcap.metrics import repeats_a_phrase
+
+    assert repeats_a_phrase("a man wearing a hat is wearing a hat", 3)
+    assert not repeats_a_phrase("a man wearing a hat is wearing a cap", 3)
+    assert repeats_a_phrase("a man in a red shirt and a woman in a blue dress", 2)  # "in a"
+    assert not repeats_a_phrase("a dog", 3) and not repeats_a_phrase("", 2)

@@ -15,7 +15,6 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from test_train import tiny_records  # noqa: F401 (fixture)
 from tfcap import model as models, pretrained
 from tfcap.cli import main
 from tfcap.errors import TfcapError
@@ -71,7 +70,7 @@ def test_models_command_without_bundled_models_is_one_line(tmp_path, monkeypatch
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 2 and result.output == "Error: this tfcap installation has no bundled model\n"
     result = CliRunner().invoke(main, ["caption-dir", str(tmp_path), "-o", str(tmp_path / "out.csv")])
-    assert result.exit_code == 2 and "no bundled model 'flickr8k-lite2-merge'" in result.output
+    assert result.exit_code == 2 and f"no bundled model '{pretrained.DEFAULT}'" in result.output
     assert "pass --model" in result.output and not (tmp_path / "out.csv").exists()
 
 
@@ -87,14 +86,18 @@ def test_commands_use_the_bundled_model_without_model_option(photos, tmp_path):
     assert result.exit_code == 0 and rows(tmp_path / "explicit.csv") == implicit
 
     result = runner.invoke(main, ["caption", str(photos / "p0.jpg")])
-    assert result.exit_code == 0 and result.output.strip() == f"{photos / 'p0.jpg'}\t{implicit[1]['caption']}"
+    row = implicit[1]
+    fields = ("caption", "score", "confidence", "in_domain", "typicality", "labels")
+    assert result.exit_code == 0 and result.output.strip() == "\t".join([str(photos / "p0.jpg"),
+                                                                        *(row[f] for f in fields)])
+    assert row["labels"].count(";") == 2  # the bundled model's classifier: 3 labels per row
 
     result = runner.invoke(main, ["models"])
     assert result.exit_code == 0 and pretrained.DEFAULT in result.output and "(default)" in result.output
     assert "BLEU-4" in result.output and "research" in result.output
 
 
-def test_export_and_evaluate_without_model_option(tiny_records, tmp_path, monkeypatch):  # noqa: F811
+def test_export_and_evaluate_without_model_option(tiny_records, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
     result = runner.invoke(main, ["export", "-o", "saved"])

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from test_train import TINY_ENCODER, epochs_logged, fit, tiny_records  # noqa: F401 (fixture)
+from conftest import epochs_logged, fit
 from tfcap import decoding, evaluate, metrics, scst, text, train
 from tfcap.cli import main
 from tfcap.errors import TfcapError
@@ -127,14 +127,21 @@ def greedy_train_cider(run_dir, records_dir) -> float:
     return result.scores["CIDEr-D"]
 
 
-def test_scst_raises_greedy_cider_d_over_its_cross_entropy_start(tiny_records, tmp_path):
-    # A briefly trained cross-entropy model, then self-critical training from it on the same images.
-    fit(tiny_records, tmp_path / "xe", tmp_path / "cache", epochs=3, learning_rate=0.005)
-    start = greedy_train_cider(tmp_path / "xe", tiny_records)
+@pytest.mark.parametrize("kind", ["merge", "attention"])
+def test_scst_raises_greedy_cider_d_over_its_cross_entropy_start(tiny_records, tiny_run, tiny_features, tmp_path,
+                                                                  kind):
+    # A briefly trained cross-entropy model (3 epochs), then self-critical training from it on the same images
+    # (attention: its samples share their image's grid, in sampling and in the policy gradient).
+    if kind == "merge":
+        xe = tiny_run
+    else:
+        xe = tmp_path / "xe"
+        fit(tiny_records, xe, tiny_features, kind=kind, epochs=3, learning_rate=0.005)
+    start = greedy_train_cider(xe, tiny_records)
     result = CliRunner().invoke(main, [
-        "train", str(tiny_records), "-o", str(tmp_path / "scst"), "--objective", "scst", "--init", str(tmp_path / "xe"),
+        "train", str(tiny_records), "-o", str(tmp_path / "scst"), "--objective", "scst", "--init", str(xe),
         "--epochs", "12", "--batch-size", "8", "--learning-rate", "0.005", "--lr-schedule", "constant",
-        "--samples", "4", "--cache-dir", str(tmp_path / "cache"), "--seed", "1", "--patience", "0", "--quiet"])
+        "--samples", "4", "--cache-dir", str(tiny_features), "--seed", "1", "--patience", "0", "--quiet"])
     assert result.exit_code == 0, result.output
     after = greedy_train_cider(tmp_path / "scst", tiny_records)
     assert after > start + 0.5, (start, after)
@@ -143,8 +150,8 @@ def test_scst_raises_greedy_cider_d_over_its_cross_entropy_start(tiny_records, t
     # The logged greedy CIDEr-D of the training images rises too (one step per epoch here: noisy).
     assert np.mean([r["greedy_cider"] for r in log[-3:]]) > log[0]["greedy_cider"] + 0.3
     saved = json.loads((tmp_path / "scst" / "config.json").read_text())
-    assert saved["train"]["objective"] == "scst" and saved["train"]["init"] == str((tmp_path / "xe").resolve())
-    assert saved["model"] == json.loads((tmp_path / "xe" / "config.json").read_text())["model"]
+    assert saved["train"]["objective"] == "scst" and saved["train"]["init"] == str(xe.resolve())
+    assert saved["model"] == json.loads((xe / "config.json").read_text())["model"]
 
 
 def test_scst_needs_an_init_run_with_the_same_vocabulary(tiny_records, tmp_path):

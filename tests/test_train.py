@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import csv
 import json
+import shutil
 from pathlib import Path
 
 import keras
@@ -12,72 +12,26 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from tfcap import decoder, encoder, features, images, inputs, model, records, text, train
+from conftest import TINY_ENCODER_OPTIONS, epochs_logged, fit, tile
+from tfcap import encoder, features, images, inputs, model, records, text, train
 from tfcap.cli import main
 from tfcap.errors import TfcapError
 
-# Eight images, each with its own caption: a handful a tiny model can memorize.
-WORDS = ["red", "green", "blue", "pink", "cat", "dog", "bird", "fish"]
-CAPTIONS = [f"a {WORDS[i % 4]} {WORDS[4 + i // 2 % 4]} sits" for i in range(8)]
-TINY_ENCODER = encoder.EncoderConfig(name="mobilenet", alpha=0.25, image_size=32, weights="none")
+TINY_ENCODER = encoder.EncoderConfig(**TINY_ENCODER_OPTIONS)
 TINY_CONVNET = encoder.EncoderConfig(name="convnet", image_size=32, weights="none")
 
 
-def tile(i: int) -> bytes:
-    """A 32x32 PNG of a colour of its own (random noise would look alike to a random-init CNN)."""
-    rng = np.random.default_rng(i)
-    color = np.array([(i * 97) % 256, (i * 53 + 80) % 256, (i * 151 + 30) % 256])
-    pixels = np.clip(color + rng.normal(0, 8, (32, 32, 3)), 0, 255).astype(np.uint8)
-    return tf.io.encode_png(pixels).numpy()
-
-
-@pytest.fixture(scope="module")
-def tiny_records(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "img").mkdir()
-    with open(root / "c.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "caption", "split"])
-        for i, caption in enumerate(CAPTIONS):
-            (root / "img" / f"{i}.png").write_bytes(tile(i))
-            w.writerows([[f"{i}.png", caption, "train"]] * 8)  # more steps per epoch, fewer epochs
-        for i in range(2):  # validation images share the training captions
-            (root / "img" / f"v{i}.png").write_bytes(tile(i))
-            w.writerow([f"v{i}.png", CAPTIONS[i], "val"])
-    out = root / "rec"
-    result = CliRunner().invoke(main, ["build-records", "--captions", str(root / "c.csv"), "--images",
-                                       str(root / "img"), "-o", str(out), "--min-count", "1", "--quiet"])
-    assert result.exit_code == 0, result.output
-    return out
-
-
-def fit(records_dir, run_dir, cache_dir, *, kind="merge", epochs=30, encoder_config=TINY_ENCODER, **overrides):
-    config = dict(epochs=epochs, batch_size=8, learning_rate=0.01, lr_schedule="constant", eval_every=0,
-                  patience=0, seed=1)
-    config.update(overrides)
-    return train.train(records_dir, run_dir, encoder_config=encoder_config,
-                       decoder_config=decoder.DecoderConfig(kind=kind, units=32, embed_dim=16, dropout=0.0,
-                                                            attention_dim=16),
-                       train_config=train.TrainConfig(**config), cache_dir=cache_dir, show_progress=False)
-
-
-def epochs_logged(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("kind", ["merge", "attention"])
-def test_tiny_model_overfits_and_greedy_decoding_reproduces_training_captions(tiny_records, tmp_path, kind):
-    fit(tiny_records, tmp_path / "run", tmp_path / "cache", kind=kind, epochs=12, batch_size=8, learning_rate=0.005,
-        eval_every=6)
-    log = epochs_logged(tmp_path / "run")
+def test_tiny_model_overfits_and_greedy_decoding_reproduces_training_captions(tiny_records, overfitted, kind):
+    run = overfitted(kind)  # validation BLEU-4 every 6 epochs
+    log = epochs_logged(run)
     assert 0 <= log[5]["val_bleu4"] <= 1 and "val_bleu4" not in log[4]
     assert log[-1]["loss"] < log[0]["first_batch_loss"] / 10
-    assert reproduced_training_captions(tmp_path / "run", tiny_records) >= 6
+    assert reproduced_training_captions(run, tiny_records) >= 6
 
 
-def test_run_directory_holds_everything_to_rebuild_the_model(tiny_records, tmp_path):
-    fit(tiny_records, tmp_path / "run", tmp_path / "cache", epochs=1)
-    run = tmp_path / "run"
+def test_run_directory_holds_everything_to_rebuild_the_model(tiny_records, tiny_run):
+    run = tiny_run
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["encoder"]["name"] == "mobilenet" and config["model"]["precision"] == "float32"
     assert config["model"]["vocab_sha256"] == records.load_vocabulary(tiny_records).sha256
@@ -87,10 +41,10 @@ def test_run_directory_holds_everything_to_rebuild_the_model(tiny_records, tmp_p
     assert isinstance(model.load_model(run), model.Captioner)
 
 
-def test_same_seed_gives_the_same_first_epoch_loss(tiny_records, tmp_path):
-    fit(tiny_records, tmp_path / "a", tmp_path / "cache", epochs=1, seed=5)
-    fit(tiny_records, tmp_path / "b", tmp_path / "cache", epochs=1, seed=5)
-    fit(tiny_records, tmp_path / "c", tmp_path / "cache", epochs=1, seed=6)
+def test_same_seed_gives_the_same_first_epoch_loss(tiny_records, tiny_features, tmp_path):
+    fit(tiny_records, tmp_path / "a", tiny_features, epochs=1, seed=5)
+    fit(tiny_records, tmp_path / "b", tiny_features, epochs=1, seed=5)
+    fit(tiny_records, tmp_path / "c", tiny_features, epochs=1, seed=6)
     a, b, c = (epochs_logged(tmp_path / r)[0]["loss"] for r in "abc")
     assert a == b and a != c
 
@@ -159,19 +113,20 @@ def interrupt_after(monkeypatch, steps: int) -> None:
 
 
 @pytest.mark.parametrize("train_encoder", [False, True])
-def test_interrupted_then_resumed_run_ends_in_the_same_state(tiny_records, tmp_path, monkeypatch, train_encoder):
+def test_interrupted_then_resumed_run_ends_in_the_same_state(tiny_records, tiny_features, tmp_path, monkeypatch,
+                                                             train_encoder):
     kwargs = dict(epochs=3, captions_per_image="one", batch_size=4)
     if train_encoder:  # all captions, by image: 2 steps per epoch too
         kwargs = dict(epochs=3, batch_size=4, train_encoder=True, encoder_config=TINY_CONVNET)
-    fit(tiny_records, tmp_path / "straight", tmp_path / "cache", **kwargs)
+    fit(tiny_records, tmp_path / "straight", tiny_features, **kwargs)
     # Ctrl-C lands after a step has run (Python handles signals between steps): here after the
     # fifth, mid-way through epoch 3 (2 steps per epoch). Raising it before the step instead, as
     # this test once did, hid a batch that was applied but not counted and so trained twice.
     interrupt_after(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_records, tmp_path / "resumed", tmp_path / "cache", **kwargs)
+        fit(tiny_records, tmp_path / "resumed", tiny_features, **kwargs)
     monkeypatch.undo()
-    train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tmp_path / "cache", show_progress=False)
+    train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tiny_features, show_progress=False)
 
     straight, resumed = model.load_model(tmp_path / "straight"), model.load_model(tmp_path / "resumed")
     for a, b in zip(straight.decoder.weights + straight.encoder.model.weights,
@@ -212,16 +167,16 @@ def test_feature_cache_holds_the_encoders_features(tiny_records, tmp_path):
     assert seen == len(cached) == 8
 
 
-def test_mismatched_vocabulary_is_refused(tiny_records, tmp_path):
-    fit(tiny_records, tmp_path / "run", tmp_path / "cache", epochs=1)
+def test_mismatched_vocabulary_is_refused(tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "run")
     vocab_file = tmp_path / "run" / "vocab.txt"
     vocab_file.write_text(vocab_file.read_text().replace("cat", "tiger"))
     with pytest.raises(TfcapError, match="does not match the model"):
         model.load_model(tmp_path / "run")
 
 
-def test_existing_run_is_refused_and_bad_options_are_one_line_errors(tiny_records, tmp_path):
-    fit(tiny_records, tmp_path / "run", tmp_path / "cache", epochs=1)
+def test_existing_run_is_refused_and_bad_options_are_one_line_errors(tiny_records, tiny_run, tmp_path):
+    shutil.copytree(tiny_run, tmp_path / "run")
     result = CliRunner().invoke(main, ["train", str(tiny_records), "-o", str(tmp_path / "run"), "--quiet"])
     assert result.exit_code == 2 and "--resume" in result.output
     result = CliRunner().invoke(main, ["train", str(tmp_path), "-o", str(tmp_path / "x")])
@@ -241,20 +196,20 @@ def test_mixed_float16_trains_with_loss_scaling(tiny_records, tmp_path):
     assert scores.dtype == tf.float32 and np.isfinite(scores.numpy()).all()
 
 
-def test_ctrl_c_after_an_applied_step_then_resume_is_bit_identical(tiny_records, tmp_path, monkeypatch):
+def test_ctrl_c_after_an_applied_step_then_resume_is_bit_identical(tiny_records, tiny_features, tmp_path, monkeypatch):
     """The batch Ctrl-C lands after is counted, so --resume does not train it twice; the resumed
     epoch's metrics line covers the whole epoch, as in an uninterrupted run; the resumed run reuses
     the feature cache although its encoder comes from RUN_DIR/encoder.weights.h5."""
     kwargs = dict(epochs=2, kind="attention")  # 64 captions, 8 per step: 8 steps per epoch
-    fit(tiny_records, tmp_path / "straight", tmp_path / "cache", **kwargs)
+    fit(tiny_records, tmp_path / "straight", tiny_features, **kwargs)
     interrupt_after(monkeypatch, 11)  # mid-way through epoch 2
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_records, tmp_path / "resumed", tmp_path / "cache", **kwargs)
+        fit(tiny_records, tmp_path / "resumed", tiny_features, **kwargs)
     monkeypatch.undo()
     with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:  # as if killed between a line and its checkpoint
         f.write(json.dumps({"epoch": 2, "loss": 0.0}) + "\n")
     monkeypatch.setattr(images, "decode_rgb", lambda data: pytest.fail("--resume re-encoded cached images"))
-    train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tmp_path / "cache", show_progress=False)
+    train.train(tiny_records, tmp_path / "resumed", resume=True, cache_dir=tiny_features, show_progress=False)
 
     straight, resumed = model.load_model(tmp_path / "straight"), model.load_model(tmp_path / "resumed")
     for a, b in zip(straight.decoder.weights, resumed.decoder.weights):
@@ -283,10 +238,11 @@ def test_resumed_encoder_keeps_the_feature_key_of_its_weights_only_while_they_ar
     assert train._resumed_encoder(config, "float32", saved).feature_key != original.feature_key
 
 
-def test_resume_with_more_epochs_extends_the_run_and_refuses_other_changed_options(tiny_records, tmp_path):
+def test_resume_with_more_epochs_extends_the_run_and_refuses_other_changed_options(tiny_records, tiny_features,
+                                                                                   tmp_path):
     run = tmp_path / "run"
-    fit(tiny_records, run, tmp_path / "cache", epochs=2, lr_schedule="cosine", learning_rate=0.01)
-    resume = ["train", str(tiny_records), "-o", str(run), "--cache-dir", str(tmp_path / "cache"), "--quiet", "--resume"]
+    fit(tiny_records, run, tiny_features, epochs=2, lr_schedule="cosine", learning_rate=0.01)
+    resume = ["train", str(tiny_records), "-o", str(run), "--cache-dir", str(tiny_features), "--quiet", "--resume"]
     result = CliRunner().invoke(main, resume + ["--decoder", "attention", "--epochs", "3"])
     assert result.exit_code == 2, result.output
     assert result.output.count("\n") == 1 and "--decoder attention differs from the merge" in result.output

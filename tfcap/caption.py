@@ -6,13 +6,15 @@ the encoded batches as they come, so the pipeline encodes batch k+1 while batch 
 file that fails (missing, empty, not an image, truncated, too many pixels) drops out of the
 pipeline and gets an error row in its place; the batch goes on.
 
-Output rows (CSV or JSON Lines): path (relative to the images folder), caption, score (mean
-log-probability per token), error (empty when fine), one per candidate file in walk order. Each
-batch's rows are appended with one checked write (`outputs.append_whole`: all of them, or on a full
-disk none), so a killed run leaves only whole rows, and `resume` appends exactly the missing ones
-(a row cut by a kill is dropped first: `complete_length`). The decoding an output was begun with
-(model, beam size, length penalty, precision, --max-pixels) is recorded beside it, in the hidden
-`.NAME.settings.json`, and `resume` refuses another one, so one file never mixes two decodings.
+Output rows (CSV or JSON Lines, `tfcap.rows`): path (relative to the images folder; a name that is
+not UTF-8 spelled as `tfcap.names` says), the captioner's per-image outputs (caption, score: the
+mean log-probability per token, labels: the top ImageNet classes, ...), error (empty when fine),
+one per candidate file in walk order. Each batch's rows are appended with one checked write
+(`outputs.append_whole`: all of them, or on a full disk none), so a killed run leaves only whole
+rows, and `resume` appends exactly the missing ones, in the columns of the file it completes (a
+row cut by a kill is dropped first: `complete_length`). The decoding an output was begun with
+(`SETTINGS`) is recorded beside it, in the hidden `.NAME.settings.json`, and `resume` refuses
+another one, so one file never mixes two decodings.
 """
 
 from __future__ import annotations
@@ -27,12 +29,11 @@ from typing import Iterator
 
 import tensorflow as tf
 
-from tfcap import images, records
+from tfcap import images, names, records, rows as row_fields
 from tfcap.errors import Interrupted, TfcapError
 from tfcap.outputs import Output, append_whole, claimed, write_text_atomic
 from tfcap.progress import Stopwatch, progress_bar, summary
-
-COLUMNS = ("path", "caption", "score", "error")
+from tfcap.rows import COLUMNS, format_rows  # noqa: F401  (caption-dir's columns and writer, as before)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,7 @@ class CaptionConfig:
     batch_size: int = 32
     max_pixels: int = images.DEFAULT_MAX_PIXELS  # refuse larger images by their header, before decoding
     recursive: bool = True
+    min_confidence: float | None = None  # leave out captions less trusted (rows.withhold); None: keep all
 
 
 def is_image_name(name: str) -> bool:
@@ -53,7 +55,8 @@ def is_image_name(name: str) -> bool:
 
 
 def find_images(root: Path, recursive: bool = True) -> list[str]:
-    """Image files under `root` (by extension, any case), as sorted relative POSIX paths.
+    """Image files under `root` (by extension, any case), as sorted relative POSIX paths, spelled as
+    outputs hold them (`names.to_text`: a name that is not UTF-8 has its odd bytes as `\\xHH`).
 
     Symlinked folders are followed once each: a folder already visited (same device and inode)
     is not entered again, so symlink loops end.
@@ -73,7 +76,7 @@ def find_images(root: Path, recursive: bool = True) -> list[str]:
             continue
         visited.add((stat.st_dev, stat.st_ino))
         relative = Path(folder).relative_to(root)
-        found.extend((relative / f).as_posix() for f in files if is_image_name(f))
+        found.extend(names.to_text((relative / f).as_posix()) for f in files if is_image_name(f))
         subfolders.sort()
         if not recursive:
             subfolders[:] = []
@@ -124,8 +127,9 @@ def pixel_batches(root: Path, paths: list[str], preprocess, config: CaptionConfi
     def load(index, path):
         return index, checked_pixels(tf.io.read_file(path), preprocess, config.max_pixels)
 
-    # shape=[n]: with no paths at all, an empty string vector (not a float one), so nothing to do is no error
-    full = tf.constant([str(Path(root) / p) for p in paths], tf.string, shape=[len(paths)])
+    # shape=[n]: with no paths at all, an empty string vector (not a float one), so nothing to do is no error.
+    # Bytes, not str: a file name need not be UTF-8.
+    full = tf.constant([os.fsencode(names.join(root, p)) for p in paths], tf.string, shape=[len(paths)])
     return (records.without_autotuning(tf.data.Dataset.from_tensor_slices((tf.range(len(paths), dtype=tf.int64),
                                                                            full)))
             .map(load, num_parallel_calls=tf.data.AUTOTUNE)
@@ -160,8 +164,8 @@ class BytesCaptioner:
     work of its own: `diagnose_bytes` says why it failed.
     """
 
-    def __init__(self, captioner, max_pixels: int = images.DEFAULT_MAX_PIXELS):
-        self.captioner, self.max_pixels = captioner, max_pixels
+    def __init__(self, captioner, max_pixels: int = images.DEFAULT_MAX_PIXELS, min_confidence: float | None = None):
+        self.captioner, self.max_pixels, self.min_confidence = captioner, max_pixels, min_confidence
         self._load = tf.function(self._pixels, input_signature=[tf.TensorSpec([None], tf.string)])
 
     def _pixels(self, data: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -177,16 +181,17 @@ class BytesCaptioner:
         nothing = tf.data.Dataset.from_tensors((tf.zeros([0], tf.int64), tf.zeros([0, size, size, 3], tf.float32)))
         return loaded.concatenate(nothing).take(1).get_single_element()
 
-    def __call__(self, data: list[bytes]) -> list[tuple[str, float | None, str]]:
-        """(caption, score, error) of each of `data`, in order: ("", None, reason) for a failure."""
-        results: list[tuple[str, float | None, str] | None] = [None] * len(data)
+    def __call__(self, data: list[bytes]) -> list[dict]:
+        """The row of each of `data` but its path ({column: value}: `rows.COLUMNS` less path), in
+        order; a failure's is `rows.failed(reason)`."""
+        results: list[dict | None] = [None] * len(data)
         if data:
             kept, pixels = self._load(tf.constant(data, tf.string, shape=[len(data)]))
             if len(kept):
-                captions, scores = self.captioner.decode(self.captioner.encode(pixels))
-                for k, caption, score in zip(kept.numpy(), captions.numpy(), scores.numpy()):
-                    results[k] = (caption.decode("utf-8"), float(score), "")
-        return [r or ("", None, diagnose_bytes(d, self.max_pixels)) for r, d in zip(results, data)]
+                values = row_fields.from_outputs(self.captioner.decode(self.captioner.encode(pixels)))
+                for k, value in zip(kept.numpy(), values):
+                    results[k] = row_fields.withhold({**value, "error": ""}, self.min_confidence)
+        return [r or row_fields.failed(diagnose_bytes(d, self.max_pixels)) for r, d in zip(results, data)]
 
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
@@ -204,17 +209,6 @@ def output_format(out: Path, fmt: str | None = None) -> str:
     if by_suffix and fmt != by_suffix:
         raise TfcapError(f"--format {fmt} contradicts the name {out} ({by_suffix}); rename it or drop --format")
     return fmt
-
-
-def format_rows(rows: list[dict], fmt: str) -> str:
-    """Rows with `score` a float (None on error rows) as CSV (4 decimals, empty) or JSON Lines (number, null)."""
-    if fmt == "jsonl":
-        return "".join(json.dumps({**r, "score": None if r["score"] is None else round(r["score"], 4)},
-                                  ensure_ascii=False) + "\n" for r in rows)
-    buffer = io.StringIO()
-    csv.DictWriter(buffer, COLUMNS, lineterminator="\n").writerows(
-        {**r, "score": "" if r["score"] is None else f"{r['score']:.4f}"} for r in rows)
-    return buffer.getvalue()
 
 
 def read_rows(path: Path, fmt: str | None = None) -> list[dict]:
@@ -251,7 +245,8 @@ def complete_length(data: str | bytes, fmt: str) -> int:
     return end
 
 
-SETTINGS = ("model", "beam_size", "length_penalty", "precision", "max_pixels")  # what makes a row's caption
+SETTINGS = ("model", "beam_size", "length_penalty", "no_repeat_ngram", "precision", "labels", "max_pixels",
+            "min_confidence")  # what makes a row
 
 
 def settings_path(out: Path) -> Path:
@@ -269,7 +264,9 @@ def decoding_settings(model, predictor, config: CaptionConfig) -> dict:
     """The `SETTINGS` of a run: the model's location and the predictor's effective decoding."""
     return {"model": model_location(model), "beam_size": predictor.settings["beam_size"],
             "length_penalty": predictor.settings["length_penalty"],
-            "precision": predictor.settings["encoder_precision"], "max_pixels": config.max_pixels}
+            "no_repeat_ngram": predictor.settings.get("no_repeat_ngram", 0),
+            "precision": predictor.settings["encoder_precision"], "labels": predictor.labels,
+            "max_pixels": config.max_pixels, "min_confidence": config.min_confidence}
 
 
 def begun_settings(out: Path) -> dict | None:
@@ -295,22 +292,33 @@ def resumed_settings(out: Path, given: dict) -> dict:
     return {name: recorded.get(name) if value is None else value for name, value in given.items()}
 
 
-def _open_output(out: Path, fmt: str, overwrite: bool, resume: bool, settings: dict | None) -> tuple[int, set[str]]:
-    """Prepare `out` (claimed by the caller) for appending; return (its file descriptor, paths already captioned)."""
+def _open_output(out: Path, fmt: str, resume: bool, settings: dict | None) -> tuple[int, set[str], tuple[str, ...]]:
+    """Prepare `out` (claimed by the caller) for appending; return (its file descriptor, paths already
+    captioned, its columns).
+
+    The columns are COLUMNS, or on --resume those of the file (one written by an earlier tfcap may
+    lack newer columns: its rows go on without them, `rows.check_columns`).
+    """
     done: set[str] = set()
+    columns = COLUMNS
     text = out.read_bytes() if resume and out.is_file() else b""
-    header = (",".join(COLUMNS) + "\n").encode() if fmt == "csv" else b""
     if text:
         # Check before changing anything: a file that is not ours is left exactly as it is.
-        if fmt == "csv" and not text.startswith(header):
-            raise TfcapError(f"{out} is not a caption-dir CSV (header is not {','.join(COLUMNS)}); cannot --resume")
+        if fmt == "csv":
+            header = text.split(b"\n", 1)[0].decode("utf-8", "replace").split(",")
+            if header[:1] != ["path"] or b"\n" not in text:
+                raise TfcapError(f"{out} is not a caption-dir CSV (header is not {','.join(COLUMNS)}); cannot --resume")
+            columns = row_fields.check_columns(header, str(out))
         if fmt == "jsonl" and not text.lstrip().startswith(b"{"):
             raise TfcapError(f"{out} is not a caption-dir JSON Lines file; cannot --resume")
         keep = complete_length(text, fmt)  # a row cut by a kill: dropped
         try:
-            done = {r["path"] for r in parse_rows(text[:keep].decode("utf-8"), fmt)}
+            found = parse_rows(text[:keep].decode("utf-8"), fmt)
+            done = {r["path"] for r in found}
         except (ValueError, KeyError, TypeError, csv.Error) as e:
             raise TfcapError(f"{out} is damaged ({type(e).__name__}: {e}); cannot --resume") from None
+        if fmt == "jsonl" and found:
+            columns = row_fields.check_columns(list(found[0]), str(out))
         if settings is not None:
             resumed_settings(out, settings)  # raises for a setting that differs from the recorded one
             if begun_settings(out) is None:  # begun by a tfcap before the record: checked from now on
@@ -322,8 +330,11 @@ def _open_output(out: Path, fmt: str, overwrite: bool, resume: bool, settings: d
     fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     if not text:
         os.ftruncate(fd, 0)
-        append_whole(fd, header, out)
-    return fd, done
+        append_whole(fd, (",".join(COLUMNS) + "\n").encode() if fmt == "csv" else b"", out)
+    if columns != COLUMNS:
+        summary(f"caption-dir: {out} has no {', '.join(c for c in COLUMNS if c not in columns)} column (written by "
+                "an earlier tfcap): its new rows leave it out too")
+    return fd, done, columns
 
 
 def _record_settings(out: Path, settings: dict | None) -> None:
@@ -351,7 +362,7 @@ def caption_directory(captioner, images_dir: Path, out: Path | Output, config: C
 
     `captioner` is anything with `preprocess_bytes(tf.string []) -> [S, S, 3]`,
     `encode(pixels [B, S, S, 3]) -> features` (usable inside tf.data) and
-    `decode(features) -> (captions tf.string [B], scores tf.float32 [B])`:
+    `decode(features) -> outputs` (a dict of tensors [B, ...]: captions, scores, ...; `tfcap.rows`):
     a `tfcap.export.Predictor` over a run directory or an exported SavedModel. `fmt` (csv, jsonl)
     defaults to the suffix of `out` (see `output_format`). `out` may be an `outputs.Output` the
     caller claimed (with append=resume). `settings` (`decoding_settings`), when given, is recorded
@@ -367,38 +378,38 @@ def caption_directory(captioner, images_dir: Path, out: Path | Output, config: C
         all_paths = find_images(images_dir, config.recursive)
         if not all_paths:
             return nothing_found(images_dir, output)
-        fd, done = _open_output(output.path, fmt, overwrite, resume, settings)
+        fd, done, columns = _open_output(output.path, fmt, resume, settings)
         try:
-            return _caption_into(fd, output.path, captioner, images_dir, all_paths, done, config, fmt, show_progress)
+            return _caption_into(fd, output.path, captioner, images_dir, all_paths, done, columns, config, fmt,
+                                 show_progress)
         finally:
             os.close(fd)
 
 
 def _caption_into(fd: int, out: Path, captioner, images_dir: Path, all_paths: list[str], done: set[str],
-                  config: CaptionConfig, fmt: str, show_progress: bool) -> dict:
+                  columns: tuple[str, ...], config: CaptionConfig, fmt: str, show_progress: bool) -> dict:
     todo = [p for p in all_paths if p not in done]
-    clock, counts = Stopwatch(), {"ok": 0, "failed": 0}
+    clock, counts = Stopwatch(), {"ok": 0, "failed": 0, "withheld": 0}
 
     def error_row(k: int) -> dict:
-        return {"path": todo[k], "caption": "", "score": None, "error": diagnose(images_dir / todo[k], config.max_pixels)}
+        return {"path": todo[k], **row_fields.failed(diagnose(names.path(images_dir, todo[k]), config.max_pixels))}
 
     try:
         with progress_bar(len(todo), "captioning", show_progress and bool(todo)) as advance:
             def flush(rows: list[dict]) -> None:
-                append_whole(fd, format_rows(rows, fmt).encode("utf-8"), out)  # all rows or none
-                failed = sum(1 for r in rows if r["error"])
+                append_whole(fd, format_rows(rows, fmt, columns).encode("utf-8"), out)  # all rows or none
+                failed = sum(1 for r in rows if row_fields.is_failure(r))
                 counts["failed"] += failed
+                counts["withheld"] += sum(1 for r in rows if r["error"]) - failed
                 counts["ok"] += len(rows) - failed
                 advance(len(rows))
 
             next_index = 0  # rows are written in walk order: everything before this is written
             for indices, features in feature_batches(images_dir, todo, captioner, config):
-                captions, scores = captioner.decode(features)
                 rows = []
-                for index, caption, score in zip(indices.numpy(), captions.numpy(), scores.numpy()):
+                for index, values in zip(indices.numpy(), row_fields.from_outputs(captioner.decode(features))):
                     rows += [error_row(k) for k in range(next_index, int(index))]  # dropped out before it
-                    rows.append({"path": todo[index], "caption": caption.decode("utf-8"),
-                                 "score": float(score), "error": ""})
+                    rows.append(row_fields.withhold({"path": todo[index], **values, "error": ""}, config.min_confidence))
                     next_index = int(index) + 1
                 flush(rows)
             if next_index < len(todo):  # failures after the last good file
@@ -414,19 +425,21 @@ def _caption_into(fd: int, out: Path, captioner, images_dir: Path, all_paths: li
         summary(f"caption-dir: 0 images to caption ({len(done)} already done) -> {out}")
         return {"images": 0, "ok": 0, "failed": 0, "skipped_done": len(done), "seconds": seconds}
     summary(f"caption-dir: {ok + failed} images ({ok} ok, {failed} failed"
+            + (f", {counts['withheld']} captions withheld below --min-confidence {config.min_confidence:g}"
+               if counts["withheld"] else "")
             + (f", {len(done)} already done" if done else "") + f") in {seconds:.1f} s, "
             f"{(ok + failed) / max(seconds, 1e-9):.1f} images/s -> {out}")
     return {"images": ok + failed, "ok": ok, "failed": failed, "skipped_done": len(done), "seconds": seconds}
 
 
-def iter_captions(captioner, paths: list[Path], config: CaptionConfig = CaptionConfig()) -> Iterator[tuple[str, str, str]]:
-    """(path, caption, error) for a few image files, in the given order (`tfcap caption`)."""
+def iter_captions(captioner, paths: list[Path], config: CaptionConfig = CaptionConfig()) -> Iterator[dict]:
+    """The row of each of a few image files, in the given order (`tfcap caption`): `rows.COLUMNS`,
+    the path as given, spelled as outputs spell names (`names.to_text`)."""
     paths = [Path(p) for p in paths]
-    results: dict[int, tuple[str, str]] = {}
-    for indices, features in feature_batches(Path("/"), [str(p.resolve()) for p in paths], captioner, config):
-        captions, _ = captioner.decode(features)
-        for index, caption in zip(indices.numpy(), captions.numpy()):
-            results[int(index)] = (caption.decode("utf-8"), "")
+    results: dict[int, dict] = {}
+    absolute = [names.to_text(p.resolve()) for p in paths]
+    for indices, features in feature_batches(Path("/"), absolute, captioner, config):
+        for index, values in zip(indices.numpy(), row_fields.from_outputs(captioner.decode(features))):
+            results[int(index)] = {"path": names.to_text(paths[index]), **values, "error": ""}
     for k, path in enumerate(paths):
-        caption, error = results.get(k) or ("", diagnose(path, config.max_pixels))
-        yield str(path), caption, error
+        yield results.get(k) or {"path": names.to_text(path), **row_fields.failed(diagnose(path, config.max_pixels))}

@@ -1,12 +1,12 @@
 """The `tfcap` command line: a thin layer over the library.
 
 Each command parses its options into the library's config dataclasses and calls one library
-function. TensorFlow is imported inside the commands, so `tfcap --help` is instant.
+function. TensorFlow is imported (quietly, `tfcap.quiet`) only when a command that needs it runs,
+after click has parsed its arguments: `--help`, a usage error and `tfcap models` answer at once.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
@@ -15,6 +15,7 @@ import click
 
 import tfcap
 from tfcap.errors import TfcapError
+from tfcap.quiet import import_tensorflow
 
 # encoder.PRECISIONS without "auto", and encoder.ARCHITECTURES (spelled out: importing tfcap.encoder
 # imports TensorFlow, too slow for --help; tests/test_cli.py keeps them equal).
@@ -22,27 +23,6 @@ _PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 _ARCHITECTURES = ("xception", "mobilenet", "inception_v3", "vgg16", "efficientnet_lite0", "efficientnet_lite1",
                   "efficientnet_lite2", "convnet")
 _STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")  # distribute.STRATEGIES
-
-
-
-def _import_tensorflow_quietly() -> None:
-    """Import TensorFlow without its C++ start-up chatter (CUDA probing, oneDNN notes).
-
-    Part of it is logged before TensorFlow reads TF_CPP_MIN_LOG_LEVEL, so stderr is silenced at
-    the file-descriptor level during the import only. A user who sets TF_CPP_MIN_LOG_LEVEL sees all.
-    """
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
-        return
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 class _UserError(click.ClickException):
@@ -55,10 +35,20 @@ def _os_error_message(e: OSError) -> str:
     return f"{where}{e.strerror or e}" if e.strerror else f"{type(e).__name__}: {e}"
 
 
+class _Command(click.Command):
+    """A command that imports TensorFlow quietly when it runs, once its arguments are parsed."""
+
+    def invoke(self, ctx):
+        import_tensorflow()
+        return super().invoke(ctx)
+
+
 class _Group(click.Group):
     """Turns library errors about the user's input into `Error: ...` and exit code 2, file system
     errors at write time into one line too, and Ctrl-C into one line and exit code 130 (the shell's
-    code for SIGINT) instead of click's `Aborted!` and 1."""
+    code for SIGINT) instead of click's `Aborted!` and 1. Its commands are `_Command`s."""
+
+    command_class = _Command
 
     def invoke(self, ctx):
         try:
@@ -117,8 +107,6 @@ _NON_NEGATIVE = click.FloatRange(min=0)  # a negative length penalty would fail 
 @click.version_option(tfcap.__version__, prog_name="tfcap")
 def main():
     """Train CNN-LSTM image captioners and caption whole image collections fast."""
-    if not any(a in ("-h", "--help", "--version") for a in sys.argv[1:]):
-        _import_tensorflow_quietly()
 
 
 @main.command("build-records")
@@ -183,6 +171,8 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 @click.option("--units", type=int, default=256, show_default=True)
 @click.option("--embed-dim", type=int, default=256, show_default=True)
 @click.option("--dropout", type=float, default=0.5, show_default=True)
+@click.option("--context-dim", type=int, help="attention: channels the grid is projected to (once per image) before "
+              "the decoder attends over it (default: --units; 0: the grid's own channels, several times slower).")
 @click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--learning-rate", type=float, help="Peak learning rate (default: 1e-3; 5e-5 with --objective scst).")
@@ -218,9 +208,9 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 @click.option("--overwrite", is_flag=True, help="Replace an existing RUN_DIR.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_size, precision, decoder_kind, units,
-                  embed_dim, dropout, epochs, batch_size, learning_rate, lr_schedule, clip_norm, captions_per_image,
-                  eval_every, eval_images, patience, train_encoder, objective, init_run, samples, baseline, select,
-                  seed, strategy, devices, cluster_timeout, cache_dir, resume, overwrite, quiet):
+                  embed_dim, dropout, context_dim, epochs, batch_size, learning_rate, lr_schedule, clip_norm,
+                  captions_per_image, eval_every, eval_images, patience, train_encoder, objective, init_run, samples,
+                  baseline, select, seed, strategy, devices, cluster_timeout, cache_dir, resume, overwrite, quiet):
     """Train a captioner on RECORDS (from build-records) into RUN_DIR."""
     from tfcap import decoder, encoder as encoders, features, outputs, train
 
@@ -236,12 +226,12 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
         given, ctx = {}, click.get_current_context()
         fields = {"encoder": "encoder.name", "encoder_weights": "encoder.weights", "alpha": "encoder.alpha",
                   "image_size": "encoder.image_size", "decoder_kind": "decoder.kind", "units": "decoder.units",
-                  "embed_dim": "decoder.embed_dim", "dropout": "decoder.dropout",
+                  "embed_dim": "decoder.embed_dim", "dropout": "decoder.dropout", "context_dim": "decoder.context_dim",
                   "init_run": "train.init"}
         for name in ("encoder", "encoder_weights", "alpha", "image_size", "precision", "decoder_kind", "units",
-                     "embed_dim", "dropout", "epochs", "batch_size", "learning_rate", "lr_schedule", "clip_norm",
-                     "captions_per_image", "eval_every", "eval_images", "patience", "train_encoder", "objective",
-                     "init_run", "samples", "baseline", "select", "seed", "strategy", "devices"):
+                     "embed_dim", "dropout", "context_dim", "epochs", "batch_size", "learning_rate", "lr_schedule",
+                     "clip_norm", "captions_per_image", "eval_every", "eval_images", "patience", "train_encoder",
+                     "objective", "init_run", "samples", "baseline", "select", "seed", "strategy", "devices"):
             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT,
                                                       click.core.ParameterSource.DEFAULT_MAP):
                 value = ctx.params[name]
@@ -255,7 +245,8 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
         records_dir, run_dir,
         encoder_config=encoders.EncoderConfig(name=encoder, weights=encoder_weights, image_size=image_size,
                                               alpha=alpha),
-        decoder_config=decoder.DecoderConfig(kind=decoder_kind, units=units, embed_dim=embed_dim, dropout=dropout),
+        decoder_config=decoder.DecoderConfig(kind=decoder_kind, units=units, embed_dim=embed_dim, dropout=dropout,
+                                             context_dim=context_dim),
         train_config=train.TrainConfig(epochs=epochs, batch_size=batch_size,
                                        learning_rate=learning_rate or (5e-5 if objective == "scst" else 1e-3),
                                        lr_schedule=lr_schedule, clip_norm=clip_norm,
@@ -274,11 +265,50 @@ def _precision_option(f):
                              "to 1.9x faster on CPUs with AMX or AVX512-BF16; captions can differ in rare cases.")(f)
 
 
-def _decoding_options(f):
-    f = _precision_option(f)
+def _search_default(key: str, fallback: float) -> str:
+    """Option help on a decoding setting's default: the model's decoding.json, and what the bundled
+    model's says (read without TensorFlow, so the help shows the real value)."""
+    from tfcap import pretrained
+
+    try:
+        bundled = f"; the bundled model's: {pretrained.decoding().get(key, fallback):g}"
+    except TfcapError:  # no bundled model in this installation
+        bundled = ""
+    return f"default: the model's decoding.json, else {fallback:g}{bundled}"
+
+
+def _no_repeat_ngram_option(f):
+    return click.option("--no-repeat-ngram", type=click.IntRange(min=0), default=None, metavar="N",
+                        help="No phrase of N words twice in a caption; 0: off "
+                             f"({_search_default('no_repeat_ngram', 0)}; fixed for a SavedModel).")(f)
+
+
+def _labels_options(f):
+    f = click.option("--no-labels", is_flag=True, help="No ImageNet labels (same as --labels 0).")(f)
+    return click.option("--labels", "label_count", type=click.IntRange(min=0), default=None, metavar="N",
+                        help="ImageNet labels per image from the encoder's own classifier, most probable first "
+                             "(default 3; a SavedModel: as exported, or fewer). Encoders without one leave them "
+                             "empty.")(f)
+
+
+def _label_count(label_count: int | None, no_labels: bool) -> int | None:
+    """--labels N and --no-labels as one count (None: the default)."""
+    if no_labels and label_count:
+        raise TfcapError("--labels and --no-labels contradict each other")
+    return 0 if no_labels else label_count
+
+
+def _search_options(f):
+    f = _no_repeat_ngram_option(f)
     f = click.option("--length-penalty", type=_NON_NEGATIVE, default=None,
-                     help="alpha in sum_logp / length**alpha for ranking beams (default 0).")(f)
-    f = click.option("--beam-size", type=_POSITIVE, default=None, help="Beam width; 1 is greedy (default 3).")(f)
+                     help="alpha in sum_logp / length**alpha for ranking beams "
+                     f"({_search_default('length_penalty', 0)}).")(f)
+    return click.option("--beam-size", type=_POSITIVE, default=None,
+                        help=f"Beam width; 1 is greedy ({_search_default('beam_size', 3)}).")(f)
+
+
+def _decoding_options(f):
+    f = _search_options(_precision_option(_labels_options(f)))
     return click.option("--model", "model_path", type=LocationArg, callback=_default_model,
                         help="Run directory from tfcap train, or a SavedModel from tfcap export, local or "
                         "gs://... (default: the bundled model, see tfcap models).")(f)
@@ -306,6 +336,9 @@ def _default_model(ctx, param, value):
 @click.option("--no-recursive", is_flag=True, help="Only the top folder.")
 @click.option("--gallery", "gallery_path", type=PathArg, help="Also write an HTML gallery of the results here.")
 @click.option("--strict", is_flag=True, help="Exit 1 if any image failed.")
+@click.option("--min-confidence", type=click.FloatRange(0, 1), default=None, metavar="X",
+              help="Leave out the caption of rows whose confidence is below X, with the reason in the row's error "
+                   "(the model must have a fitted confidence: the bundled one has).")
 @click.option("--resume", is_flag=True, help="Append the images missing from an existing output.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -316,9 +349,9 @@ def _default_model(ctx, param, value):
               "FlinkRunner, SparkRunner need a SavedModel their workers can read, see tfcap export).")
 @click.option("--verbose", is_flag=True, help="With --engine beam: show the runner's and its workers' logs.")
 @click.argument("pipeline_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- BEAM_OPTION...]")
-def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, precision, fmt, batch_size, max_pixels,
-                        no_recursive, gallery_path, strict, resume, overwrite, quiet, engine, runner, verbose,
-                        pipeline_args):
+def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, no_repeat_ngram, precision,
+                        label_count, no_labels, fmt, batch_size, max_pixels, no_recursive, gallery_path, strict,
+                        min_confidence, resume, overwrite, quiet, engine, runner, verbose, pipeline_args):
     """Caption every image under IMAGES (jpg, png, gif, bmp, webp) into a CSV (--engine beam: a folder of parts)."""
     import dataclasses
 
@@ -326,9 +359,11 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
 
     from tfcap import caption, export, images
 
+    label_count = _label_count(label_count, no_labels)
+
     config = caption.CaptionConfig(beam_size=beam_size or 3, length_penalty=length_penalty or 0.0,
                                    batch_size=batch_size, max_pixels=max_pixels or images.DEFAULT_MAX_PIXELS,
-                                   recursive=not no_recursive)
+                                   recursive=not no_recursive, min_confidence=min_confidence)
     if engine == "beam":
         for name, given in (("--resume", resume), ("--gallery", gallery_path)):
             if given:
@@ -339,8 +374,9 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
 
         engine_module = beam_engine()
         result = engine_module.caption_directory(
-            images_dir, out, model_path, config, engine_module.BeamConfig(runner, tuple(pipeline_args), verbose), fmt=fmt,
-            overwrite=overwrite, beam_size=beam_size, length_penalty=length_penalty, precision=precision)
+            images_dir, out, model_path, config, engine_module.BeamConfig(runner, tuple(pipeline_args), verbose),
+            fmt=fmt, overwrite=overwrite, beam_size=beam_size, length_penalty=length_penalty,
+            no_repeat_ngram=no_repeat_ngram, labels=label_count, precision=precision)
         if strict and result["failed"]:
             sys.exit(1)
         return
@@ -364,12 +400,18 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
         model_given = click.get_current_context().get_parameter_source("model_path") == ParameterSource.COMMANDLINE
         settings = caption.resumed_settings(out, {
             "model": caption.model_location(model_path) if model_given else None, "beam_size": beam_size,
-            "length_penalty": length_penalty, "precision": precision, "max_pixels": max_pixels})
+            "length_penalty": length_penalty, "no_repeat_ngram": no_repeat_ngram, "precision": precision,
+            "labels": label_count, "max_pixels": max_pixels, "min_confidence": min_confidence})
         model_path = settings["model"] or model_path
         beam_size, length_penalty, precision = settings["beam_size"], settings["length_penalty"], settings["precision"]
-        config = dataclasses.replace(config, max_pixels=settings["max_pixels"] or config.max_pixels)
+        no_repeat_ngram, label_count = settings["no_repeat_ngram"], settings["labels"]
+        config = dataclasses.replace(config, max_pixels=settings["max_pixels"] or config.max_pixels,
+                                     min_confidence=settings["min_confidence"])
     predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
-                                      precision=precision)
+                                      no_repeat_ngram=no_repeat_ngram, labels=label_count, precision=precision)
+    if min_confidence is not None and not predictor.settings.get("confidence"):
+        raise TfcapError(f"--min-confidence: {model_path} has no fitted confidence (tfcap fit-confidence RUN_DIR RECORDS, "
+                         "then export again)")
     result = caption.caption_directory(predictor, images_dir, output, config, fmt=fmt, overwrite=overwrite,
                                        resume=resume, show_progress=not quiet,
                                        settings=caption.decoding_settings(model_path, predictor, config))
@@ -384,20 +426,25 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
 @main.command("caption")
 @click.argument("image_paths", metavar="IMAGE...", type=PathArg, nargs=-1, required=True)
 @_decoding_options
-def caption_command(image_paths, model_path, beam_size, length_penalty, precision):
-    """Print PATH<TAB>CAPTION for a few images (errors go to stderr, exit 1)."""
-    from tfcap import caption, export
+def caption_command(image_paths, model_path, beam_size, length_penalty, no_repeat_ngram, precision, label_count,
+                    no_labels):
+    """Print PATH<TAB>CAPTION<TAB>SCORE<TAB>LABELS for a few images (errors go to stderr, exit 1)."""
+    from tfcap import caption, export, rows
 
+    folder = next((p for p in image_paths if p.is_dir()), None)
+    if folder is not None:  # before the model loads
+        raise TfcapError(f"{folder} is a folder; use tfcap caption-dir {folder} -o captions.csv")
     predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
+                                      no_repeat_ngram=no_repeat_ngram, labels=_label_count(label_count, no_labels),
                                       precision=precision)
     config = caption.CaptionConfig(beam_size=beam_size or 3, length_penalty=length_penalty or 0.0)
     failed = 0
-    for path, text_, error in caption.iter_captions(predictor, list(image_paths), config):
-        if error:
+    for row in caption.iter_captions(predictor, list(image_paths), config):
+        if row["error"]:
             failed += 1
-            click.echo(f"{path}: {error}", err=True)
+            click.echo(f"{row['path']}: {row['error']}", err=True)
         else:
-            click.echo(f"{path}\t{text_}")
+            click.echo(rows.tab_line(row["path"], row))
     if failed:
         sys.exit(1)
 
@@ -406,22 +453,27 @@ def caption_command(image_paths, model_path, beam_size, length_penalty, precisio
 @click.argument("run_dir", metavar="[RUN_DIR]", type=PathArg, required=False, callback=_default_model)
 @click.option("-o", "--out", type=LocationArg, required=True,
               help="SavedModel folder to write (or gs://...: for the workers of caption-dir --engine beam).")
-@click.option("--beam-size", type=_POSITIVE, default=None, help="Default: the run's decoding.json, else 3.")
-@click.option("--length-penalty", type=_NON_NEGATIVE, default=None, help="Default: the run's decoding.json, else 0.")
+@_search_options
 @_precision_option
+@_labels_options
 @click.option("--overwrite", is_flag=True)
-def export_command(run_dir, out, beam_size, length_penalty, precision, overwrite):
-    """Export RUN_DIR (default: the bundled model) as a SavedModel: image bytes in, captions and scores out."""
+def export_command(run_dir, out, beam_size, length_penalty, no_repeat_ngram, precision, label_count, no_labels,
+                   overwrite):
+    """Export RUN_DIR (default: the bundled model) as a SavedModel: image bytes in, captions, scores and labels out."""
+    import dataclasses
+
     from tfcap import export
     from tfcap.progress import Stopwatch, summary
 
+    label_count = _label_count(label_count, no_labels)
     output = out if export.is_url(out) else _claim(out, overwrite=overwrite, inputs={"run directory": run_dir})
-    beam_size, length_penalty = export.run_decoding(run_dir, beam_size, length_penalty)
+    decoding = export.run_decoding(run_dir, beam_size, length_penalty, no_repeat_ngram)
     clock = Stopwatch()
-    export.export(run_dir, output, beam_size=beam_size, length_penalty=length_penalty, precision=precision,
+    export.export(run_dir, output, **dataclasses.asdict(decoding), labels=label_count, precision=precision,
                   overwrite=overwrite)
-    summary(f"export: {run_dir} -> {out} (beam size {beam_size}, length penalty {length_penalty:g}) "
-            f"in {clock.seconds:.1f} s")
+    labels = export.run_labels(run_dir, label_count)
+    summary(f"export: {run_dir} -> {out} (beam size {decoding.beam_size}, length penalty {decoding.length_penalty:g}, "
+            f"no repeated {decoding.no_repeat_ngram}-grams, {labels} labels) in {clock.seconds:.1f} s")
 
 
 @main.command("gallery")
@@ -447,13 +499,13 @@ def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, 
 @main.command("evaluate")
 @click.argument("records_dir", metavar="[RECORDS]", type=PathArg, required=False)
 @click.option("--model", "model_path", type=PathArg, help="Run directory or SavedModel: caption RECORDS' split.")
-@click.option("--predictions", type=PathArg, help="Score an existing caption-dir CSV/JSONL instead.")
+@click.option("--predictions", type=PathArg,
+              help="Score an existing caption-dir output instead: CSV, JSON Lines, or a --engine beam OUT folder.")
 @click.option("--references", type=PathArg, help="With --predictions: a records folder or a dataset/captions file.")
 @click.option("--human-baseline", is_flag=True, help="Score each image's first reference against the others.")
 @click.option("--split", default=None,
               help="Split to caption or to take references from (default: test; with --predictions, all splits).")
-@click.option("--beam-size", type=_POSITIVE, default=None, help="Beam width (default 3; fixed for a SavedModel).")
-@click.option("--length-penalty", type=_NON_NEGATIVE, default=None)
+@_search_options
 @_precision_option
 @click.option("--batch-size", type=_POSITIVE, default=32, show_default=True)
 @click.option("--no-meteor", is_flag=True, help="Skip METEOR (it starts Java: about 15 s).")
@@ -463,7 +515,7 @@ def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, 
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate_command(records_dir, model_path, predictions, references, human_baseline, split, beam_size,
-                     length_penalty, precision, batch_size, no_meteor, out, overwrite, quiet):
+                     length_penalty, no_repeat_ngram, precision, batch_size, no_meteor, out, overwrite, quiet):
     """Score captions with BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (coco-caption definitions).
 
     \b
@@ -488,7 +540,8 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
                                                       "predictions file": predictions, "references": references})
     if model_path:
         result = evaluate.run_model(model_path, records_dir, split, beam_size=beam_size, length_penalty=length_penalty,
-                                    precision=precision, batch_size=batch_size, meteor=not no_meteor, show_progress=not quiet)
+                                    no_repeat_ngram=no_repeat_ngram, precision=precision, batch_size=batch_size,
+                                    meteor=not no_meteor, show_progress=not quiet)
     else:
         refs_path = references or records_dir
         if refs_path is None:
@@ -497,16 +550,65 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
         if human_baseline:
             result = evaluate.human_baseline(refs, split=split, meteor=not no_meteor)
         else:
-            hypotheses, failed = evaluate.predictions_from(predictions)
+            hypotheses, failed, repeated = evaluate.predictions_from(predictions)
             result = evaluate.evaluate(refs, hypotheses, split=split, failed=failed, meteor=not no_meteor,
                                        settings={"predictions": str(Path(predictions).resolve()),
-                                                 "references": str(Path(refs_path).resolve())})
+                                                 "references": str(Path(refs_path).resolve())}, repeated=repeated)
+            if result.repeated_predictions:
+                click.echo(f"warning: {result.repeated_predictions} prediction rows repeat another one for the same "
+                           "image with the same caption; each image is scored once", err=True)
     click.echo(evaluate.table(result))
     evaluate.write_results(output, result)
     click.echo(f"scores: {out / 'scores.json'}; COCO results: {out / 'captions_coco.json'}", err=True)
 
 
-@main.command("models")
+@main.command("score")
+@click.argument("pairs", type=PathArg)
+@click.option("-o", "--out", type=PathArg, required=True,
+              help="Output: the pairs with score, confidence, in_domain, typicality and error added (CSV, or JSON "
+                   "Lines when it ends in .jsonl; other names keep the input's format).")
+@click.option("--images", "images_dir", type=PathArg, help="Folder the image paths are relative to (default: the "
+              "pairs file's folder).")
+@click.option("--model", "model_path", type=LocationArg, callback=_default_model,
+              help="Run directory or SavedModel (default: the bundled model, see tfcap models).")
+@_precision_option
+@click.option("--batch-size", type=_POSITIVE, default=32, show_default=True, help="Images per batch.")
+@click.option("--max-pixels", type=_POSITIVE, default=None, help="Refuse images whose header declares more pixels.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def score_command(pairs, out, images_dir, model_path, precision, batch_size, max_pixels, overwrite, quiet):
+    """The confidence of given image-caption pairs: PAIRS is a CSV (or JSON Lines) with an image column
+    (path, image, file or filename) and a caption column."""
+    from tfcap import export, outputs, scoring
+
+    outputs.check_output(out, overwrite, {"pairs file": pairs, "images folder": images_dir, "model": model_path})
+    scoring.read_pairs(pairs)  # a wrong file fails before the model loads
+    predictor = export.load_predictor(model_path, precision=precision)
+    scoring.score_pairs(predictor, pairs, out, images_dir=images_dir, batch_size=batch_size, max_pixels=max_pixels,
+                        overwrite=overwrite, show_progress=not quiet)
+
+
+@main.command("fit-confidence")
+@click.argument("run_dir", metavar="RUN_DIR", type=PathArg)
+@click.argument("records_dir", metavar="RECORDS", type=PathArg)
+@click.option("--epochs", type=_POSITIVE, default=10, show_default=True, help="Epochs of the image-caption matcher.")
+@click.option("--cache-dir", type=PathArg, help="Feature cache (default: RECORDS.cache beside the records).")
+@click.option("--overwrite", is_flag=True, help="Replace the run's existing confidence.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def fit_confidence_command(run_dir, records_dir, epochs, cache_dir, overwrite, quiet):
+    """Fit the confidence of RUN_DIR's captions on RECORDS' train and val splits (the records it was trained on)."""
+    import dataclasses
+
+    from tfcap import confidence, model, outputs
+
+    model.read_run_config(run_dir)
+    outputs.refuse_existing(run_dir / confidence.CONFIG, overwrite)
+    outputs.check_writable(run_dir, replace=False)
+    confidence.fit(run_dir, records_dir, dataclasses.replace(confidence.ConfidenceConfig(), epochs=epochs),
+                   cache_dir=cache_dir, show_progress=not quiet)
+
+
+@main.command("models", cls=click.Command)  # reads the model cards: no TensorFlow
 def models_command():
     """The captioners bundled with tfcap: what they were trained on, their scores, their licence."""
     from tfcap import pretrained

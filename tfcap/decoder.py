@@ -2,9 +2,11 @@
 
 Both take image features from the encoder and word ids, and offer two views of one set of weights:
 
-- `__call__(features, tokens)`: teacher forcing on whole padded captions in one call (training).
+- `__call__(features, tokens, owners=None)`: teacher forcing on whole padded captions in one call
+  (training); with `owners`, features per image, shared by its captions.
 - `initial_state(features)` + `step(tokens, state, context)`: one word at a time (beam search,
-  greedy decoding, export), with the step contract of `tfcap.decoding`.
+  greedy decoding, export), with the step contract of `tfcap.decoding`; a step also takes a
+  context of one row per r consecutive state rows (SCST's r samples of an image share it).
 
 Features are a dict: `pooled` tf.float32 [B, C] (spatial mean of the encoder grid) and, for the
 attention decoder, `grid` [B, L, C] (L = h*w locations; float16 in the cache, cast here).
@@ -33,12 +35,25 @@ class DecoderConfig:
     dropout: float = 0.5
     attention_dim: int = 256  # attention MLP size (attention decoder)
     attention_penalty: float = 1.0  # weight of the doubly stochastic attention penalty
+    # Channels the attention decoder projects the grid to (linearly, once per image) before it attends
+    # over it and reads it. None: as many as `units` (0 for merge); 0: none, it attends over the grid's
+    # own channels, as runs from before this field do (`from_dict`).
+    context_dim: int | None = None
 
     def __post_init__(self):
         if self.kind not in DECODERS:
             raise TfcapError(f"--decoder must be one of {', '.join(DECODERS)}, not {self.kind!r}")
         if not 0 <= self.dropout < 1 or self.units < 1 or self.embed_dim < 1:
             raise TfcapError("--dropout must be in [0, 1), --units and --embed-dim at least 1")
+        if self.context_dim is None:
+            object.__setattr__(self, "context_dim", self.units if self.kind == "attention" else 0)
+        if self.context_dim < 0:
+            raise TfcapError("context_dim must be at least 0")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DecoderConfig":
+        """A saved config; one saved before `context_dim` existed attended over the grid itself (0)."""
+        return cls(**{"context_dim": 0, **d})
 
 
 def _dropout(x: tf.Tensor, rate: float, seed: tf.Tensor | None, salt: int) -> tf.Tensor:
@@ -84,16 +99,19 @@ class MergeDecoder(_Decoder):
     def _output(self, image, lstm_out, seed):
         return self.logits(self.hidden(_dropout(image + lstm_out, self.config.dropout, seed, 3)))
 
-    def call(self, features, tokens, seed=None):
+    def call(self, features, tokens, seed=None, owners=None):
         """Teacher forcing.
 
         Args:
-          features: dict with `pooled` [B, C].
-          tokens: tf.int32 [B, T], `<start>` w1 ... (padded with 0).
+          features: dict with `pooled` [B, C]: one per caption, or one per image with `owners`.
+          tokens: tf.int32 [N, T], `<start>` w1 ... (padded with 0).
           seed: tf.int64 [2] enables dropout (training), None disables it.
+          owners: tf.int32 [N], the image of each caption (row of `pooled`); None: row n's is row n.
         Returns:
-          (logits tf.float32 [B, T, V], penalty tf.float32 [] = 0 for this decoder).
+          (logits tf.float32 [N, T, V], penalty tf.float32 [] = 0 for this decoder).
         """
+        if owners is not None:  # before dropout: each caption draws its own mask, as with a vector per caption
+            features = {"pooled": tf.gather(features["pooled"], owners)}
         image = self._image(features, seed)
         mask = tf.not_equal(tokens, 0)
         embedded = _dropout(self.embedding(tokens), self.config.dropout, seed, 2)
@@ -107,9 +125,12 @@ class MergeDecoder(_Decoder):
         return (zeros, zeros), {"image": image}
 
     def step(self, tokens, state, context):
-        """One word for N hypotheses: tokens tf.int32 [N] -> (log_probs tf.float32 [N, V], new state)."""
+        """One word for N hypotheses: tokens tf.int32 [N] -> (log_probs tf.float32 [N, V], new state).
+
+        context: rows [N, ...], or [N / r, ...] shared by r consecutive rows (SCST's samples of an image)."""
         out, h, c = self.lstm(self.embedding(tokens[:, None]), initial_state=list(state))
-        logits = self._output(context["image"], out[:, 0], None)
+        image = context["image"]
+        logits = self._output(tf.repeat(image, tf.shape(out)[0] // tf.shape(image)[0], axis=0), out[:, 0], None)
         return tf.nn.log_softmax(logits), (h, c)
 
 
@@ -120,6 +141,21 @@ class AttentionDecoder(_Decoder):
     with an additive (MLP) attention, gated by a sigmoid of the previous state, and feeds
     [word embedding, context] to the LSTM. Training adds the doubly stochastic penalty
     `sum_i (1 - sum_t alpha_ti)^2`, which asks every location to be attended to over a caption.
+
+    With `context_dim`, the grid is first projected (linearly, once per image) to that many
+    channels, which the decoder then attends over and reads: the LSTM's context kernel [C, 4 units]
+    is factored through them, the rest of the model keeps its reach (its maps from the context
+    have rank at most attention_dim, embed_dim or units, all below context_dim by default).
+
+    Computed at the cost of its arithmetic:
+      - the grid, its projections and the initial state once per image, shared by the image's
+        captions (`owners`) or samples: a step attends with one batched matmul per image, of its
+        rows' weights [K, L] by its grid [L, C], instead of reading a copy of the grid per caption;
+      - what does not depend on the previous state is computed for all steps at once, outside the
+        recurrence: the words' share of the LSTM's input, the deep output and the logits;
+      - in the recurrence, the state's three maps (attention query, gate, LSTM recurrence) are one
+        matmul, on weights read once per call. The layers and their weights are Keras' (`lstm_cell`'s
+        kernel rows: the word embedding's, then the context's), written out in that order.
     """
 
     def __init__(self, vocab_size: int, config: DecoderConfig, **kwargs):
@@ -128,6 +164,8 @@ class AttentionDecoder(_Decoder):
         units = config.units
         self.init_h = keras.layers.Dense(units, activation="tanh", name="init_h")
         self.init_c = keras.layers.Dense(units, activation="tanh", name="init_c")
+        if config.context_dim:
+            self.project_grid = keras.layers.Dense(config.context_dim, use_bias=False, name="project_grid")
         self.attend_features = keras.layers.Dense(config.attention_dim, name="attend_features")
         self.attend_state = keras.layers.Dense(config.attention_dim, name="attend_state")
         self.attend_score = keras.layers.Dense(1, name="attend_score")
@@ -139,63 +177,153 @@ class AttentionDecoder(_Decoder):
         self.logits = keras.layers.Dense(vocab_size, name="logits", dtype="float32")
 
     def initial_state(self, features):
-        """Returns (state (h, c) each [B, units], context dict of grid [B, L, C] and its projection)."""
+        """Returns (state (h, c) each [B, units], context: grid [B, L, C'] and its attention projection
+        [B, L, A]); C' = context_dim, or the grid's C without it.
+
+        `step` also takes a context shared by consecutive rows: with N = B * r state rows, rows
+        b*r .. b*r + r-1 attend over image b (the r samples of an image, without r copies of its grid).
+        """
         grid = tf.cast(features["grid"], self.compute_dtype)
+        if self.config.context_dim:
+            grid = self.project_grid(grid)
         mean = tf.reduce_mean(grid, axis=1)
         context = {"grid": grid, "projected": self.attend_features(grid)}
         return (self.init_h(mean), self.init_c(mean)), context
 
-    def _attend(self, h, context):
-        scores = self.attend_score(tf.tanh(context["projected"] + self.attend_state(h)[:, None, :]))[..., 0]
-        alpha = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)  # [N, L]
-        attended = tf.reduce_sum(tf.cast(alpha[..., None], context["grid"].dtype) * context["grid"], axis=1)
-        return self.gate(h) * attended, alpha
+    def _step_weights(self, dtype, channels: int) -> dict:
+        """The recurrence's weights in `dtype`, read once per call (the layers built on first use):
+        state [units, A + 1 + 4 units] and its bias (attention query | gate | LSTM recurrence and the
+        LSTM's bias), words [E, 4 units] and context [C', 4 units] (the LSTM kernel's rows), score [A, 1]
+        and its bias [1]."""
+        units, embed, attention = self.config.units, self.config.embed_dim, self.config.attention_dim
+        for layer, inputs in ((self.attend_state, units), (self.gate, units), (self.attend_score, attention),
+                              (self.cell, embed + channels)):
+            if not layer.built:
+                layer.build((None, inputs))
+        cast = lambda v: tf.cast(v, dtype)  # noqa: E731
+        words, context = tf.split(cast(self.cell.kernel), [embed, channels])
+        return {"state": tf.concat([cast(self.attend_state.kernel), cast(self.gate.kernel),
+                                    cast(self.cell.recurrent_kernel)], axis=1),
+                "state_bias": tf.concat([cast(self.attend_state.bias), cast(self.gate.bias), cast(self.cell.bias)], 0),
+                "words": words, "context": context, "score": cast(self.attend_score.kernel),
+                "score_bias": cast(self.attend_score.bias)}
 
-    def _step(self, embedded, state, context, seed):
-        h, c = state
-        attended, alpha = self._attend(h, context)
-        out, (h, c) = self.cell(tf.concat([embedded, attended], axis=-1), [h, c])
+    def _recur(self, words_projected, h, c, context, weights):
+        """One step of the recurrence for N = G * K rows (row n attends over image n // K).
+
+        Args:
+          words_projected: [N, 4 units], the word embedding times the LSTM kernel's word rows.
+          h, c: [N, units]; context: grid [G, L, C'], projected [G, L, A]; weights: `_step_weights`.
+        Returns:
+          (new h, new c, gated context [N, C'], attention weights alpha tf.float32 [N, L]).
+        """
+        grid, projected = context["grid"], context["projected"]
+        attention = self.config.attention_dim
+        query, gate, recurrent = tf.split(tf.matmul(h, weights["state"]) + weights["state_bias"],
+                                          [attention, 1, 4 * self.config.units], axis=1)
+        query = tf.reshape(query, [tf.shape(grid)[0], -1, attention])  # [G, K, A]
+        hidden = tf.tanh(tf.expand_dims(projected, 1) + tf.expand_dims(query, 2))  # [G, K, L, A]
+        scores = tf.reshape(tf.matmul(tf.reshape(hidden, [-1, attention]), weights["score"]),
+                            tf.shape(hidden)[:3]) + weights["score_bias"]  # [G, K, L]
+        alpha = tf.nn.softmax(tf.cast(scores, tf.float32), axis=-1)
+        attended = tf.matmul(tf.cast(alpha, grid.dtype), grid)  # [G, K, C']
+        attended = self.gate.activation(gate) * tf.reshape(attended, [-1, grid.shape[-1]])
+        cell = self.cell
+        i, f, g, o = tf.split(words_projected + recurrent + tf.matmul(attended, weights["context"]), 4, axis=1)
+        c = cell.recurrent_activation(f) * c + cell.recurrent_activation(i) * cell.activation(g)
+        h = cell.recurrent_activation(o) * cell.activation(c)
+        return h, c, attended, tf.reshape(alpha, [-1, tf.shape(grid)[1]])
+
+    def _output(self, embedded, out, attended, seed):
+        """Deep output: logits tf.float32 [..., V] from the word [..., E], the LSTM output [..., units]
+        and the context [..., C'] of the same step(s)."""
         deep = embedded + self.out_state(_dropout(out, self.config.dropout, seed, 4)) + self.out_context(attended)
-        return self.logits(_dropout(tf.tanh(deep), self.config.dropout, seed, 5)), (h, c), alpha
+        return self.logits(_dropout(tf.tanh(deep), self.config.dropout, seed, 5))
 
-    def call(self, features, tokens, seed=None):
+    def call(self, features, tokens, seed=None, owners=None):
         """Teacher forcing over whole captions, one tf.while_loop over time.
 
         Args:
-          features: dict with `grid` [B, L, C].
-          tokens: tf.int32 [B, T], `<start>` w1 ... (padded with 0).
+          features: dict with `grid` [B, L, C]: one per caption, or one per image with `owners`.
+          tokens: tf.int32 [N, T], `<start>` w1 ... (padded with 0).
           seed: tf.int64 [2] enables dropout (training), None disables it.
+          owners: tf.int32 [N], the image of each caption (row of `grid`), in any order; None: row n's is row n.
         Returns:
-          (logits tf.float32 [B, T, V], doubly stochastic penalty tf.float32 [], mean over the batch).
+          (logits tf.float32 [N, T, V] (0 where tokens are padding), doubly stochastic penalty tf.float32 [],
+          mean over the captions).
         """
         state, context = self.initial_state(features)
-        embedded = _dropout(self.embedding(tokens), self.config.dropout, seed, 2)
-        mask = tf.cast(tf.not_equal(tokens, 0), tf.float32)
+        embedded = _dropout(self.embedding(tokens), self.config.dropout, seed, 2)  # [N, T, E]
+        if owners is not None:  # the recurrence runs on captions in slots: K per image, consecutive
+            slot_rows, row_slots = _slots(owners, tf.shape(context["grid"])[0])
+            per_image = tf.shape(slot_rows)[0] // tf.shape(context["grid"])[0]
+            state = tuple(tf.repeat(s, per_image, axis=0) for s in state)
+            # The empty slots of images with fewer than K captions take an all-padding caption.
+            slot_tokens = tf.gather(tf.pad(tokens, [[0, 1], [0, 0]]), slot_rows)
+            slot_embedded = tf.gather(tf.pad(embedded, [[0, 1], [0, 0], [0, 0]]), slot_rows)
+        else:
+            slot_tokens, slot_embedded = tokens, embedded
+        weights = self._step_weights(embedded.dtype, context["grid"].shape[-1])
+        words_projected = tf.einsum("nte,ef->tnf", slot_embedded, weights["words"])  # [T, N, 4 units]
+        keep = tf.transpose(tf.not_equal(slot_tokens, 0))  # [T, N]
         steps = tf.shape(tokens)[1]
+        words_ta = tf.TensorArray(words_projected.dtype, size=steps).unstack(words_projected)
+        keep_ta = tf.TensorArray(tf.bool, size=steps).unstack(keep)
 
-        def body(t, state, attention_sum, logits_ta):
-            step_seed = None if seed is None else seed + tf.cast(tf.stack([0, 100 * (t + 1)]), seed.dtype)
-            logits, new_state, alpha = self._step(embedded[:, t], state, context, step_seed)
-            keep = mask[:, t][:, None]
+        def body(t, h, c, attention_sum, out_ta, attended_ta):
+            new_h, new_c, attended, alpha = self._recur(words_ta.read(t), h, c, context, weights)
+            kept = keep_ta.read(t)[:, None]
             # Padded positions keep the previous state, so the final state is the caption's own.
-            state = tuple(tf.cast(keep * tf.cast(n, tf.float32) + (1 - keep) * tf.cast(o, tf.float32), o.dtype)
-                          for n, o in zip(new_state, state))
-            return t + 1, state, attention_sum + alpha * keep, logits_ta.write(t, logits)
+            h, c = tf.where(kept, new_h, h), tf.where(kept, new_c, c)
+            attention_sum += tf.where(kept, alpha, 0.0)
+            return t + 1, h, c, attention_sum, out_ta.write(t, new_h), attended_ta.write(t, attended)
 
         # An explicit while_loop (not a Python loop over tf.range) so that Keras can also trace
         # this call outside tf.function when it builds the model.
-        _, _, attention_sum, logits_ta = tf.while_loop(
+        _, _, _, attention_sum, out_ta, attended_ta = tf.while_loop(
             lambda t, *_: t < steps, body,
-            (tf.constant(0), state, tf.zeros(tf.shape(context["grid"])[:2], tf.float32),
-             tf.TensorArray(tf.float32, size=steps)))
-        logits = tf.transpose(logits_ta.stack(), [1, 0, 2])
+            (tf.constant(0), *state, tf.zeros([tf.shape(slot_tokens)[0], tf.shape(context["grid"])[1]], tf.float32),
+             tf.TensorArray(state[0].dtype, size=steps), tf.TensorArray(context["grid"].dtype, size=steps)))
+        out, attended = (tf.transpose(ta.stack(), [1, 0, 2]) for ta in (out_ta, attended_ta))  # [N, T, ...]
+        if owners is not None:  # back from slots to the captions' rows
+            out, attended, attention_sum = (tf.gather(x, row_slots) for x in (out, attended, attention_sum))
+        # The deep output and logits of the words only: a batch by image pads its captions to its
+        # longest, and Flickr8k's to a third of their length. Padded positions get logits 0 (never read).
+        words = tf.where(tf.not_equal(tokens, 0))  # [M, 2]
+        logits = self._output(*(tf.gather_nd(x, words) for x in (embedded, out, attended)), seed)
+        shape = tf.concat([tf.shape(tokens, out_type=words.dtype), [self.vocab_size]], axis=0)
+        logits = tf.scatter_nd(words, logits, shape)
         penalty = tf.reduce_mean(tf.reduce_sum(tf.square(1.0 - attention_sum), axis=1))
         return logits, self.config.attention_penalty * penalty
 
     def step(self, tokens, state, context):
-        """One word for N hypotheses: tokens tf.int32 [N] -> (log_probs tf.float32 [N, V], new state)."""
-        logits, state, _ = self._step(self.embedding(tokens), state, context, None)
-        return tf.nn.log_softmax(logits), state
+        """One word for N hypotheses: tokens tf.int32 [N] -> (log_probs tf.float32 [N, V], new state).
+
+        context: rows [N, ...], or [N / r, ...] shared by r consecutive rows (`initial_state`)."""
+        h, c = state
+        embedded = self.embedding(tokens)
+        weights = self._step_weights(h.dtype, context["grid"].shape[-1])
+        h, c, attended, _ = self._recur(tf.matmul(embedded, weights["words"]), h, c, context, weights)
+        return tf.nn.log_softmax(self._output(embedded, h, attended, None)), (h, c)
+
+
+def _slots(owners: tf.Tensor, images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Rows of G images laid out in G x K slots, K = most rows of one image: image g's in slots
+    g*K .. g*K + K-1, in their order.
+
+    Args:
+      owners: tf.int32 [N], the image of each row, in any order; images: G.
+    Returns:
+      (slot_rows tf.int32 [G * K]: the row in each slot, N where an image has fewer than K rows;
+      row_slots tf.int32 [N]: each row's slot).
+    """
+    one_hot = tf.one_hot(owners, images, dtype=tf.int32)  # [N, G]
+    rank = tf.reduce_sum(tf.cumsum(one_hot, axis=0) * one_hot, axis=1) - 1  # row's place among its image's rows
+    per_image = tf.reduce_max(tf.concat([rank + 1, [0]], 0))
+    row_slots = owners * per_image + rank
+    rows = tf.shape(owners)[0]
+    slot_rows = tf.tensor_scatter_nd_update(tf.fill([images * per_image], rows), row_slots[:, None], tf.range(rows))
+    return slot_rows, row_slots
 
 
 def build_decoder(vocab_size: int, config: DecoderConfig) -> keras.Model:

@@ -20,6 +20,10 @@ caption has at least one word, and a word of the vocabulary. The model's log-pro
 
   - Ranking: sum_logp / n ** length_penalty (0: raw sum, favours short captions; 1: mean log-prob).
   - Returned score: sum_logp / n, the mean log-prob per token, whatever the ranking penalty.
+  - No repeated n-grams (no_repeat_ngram=n > 0, as `no_repeat_ngram_size` elsewhere): a token that
+    would complete an n-gram the hypothesis already holds gets -inf before any top-k, so no caption
+    repeats a phrase of n words ("a man wearing a hat is wearing a hat" repeats "wearing a hat", n=3).
+    0 (the default) leaves the search exactly as it is without the option.
   - If no caption has a finite log-prob (the model gives -inf to every allowed first token: it puts
     all mass on an immediate `<end>`), the caption is empty: `<end>` alone, length 1, scored with the
     log-prob of `<end>` at the first step. Otherwise every image gets a non-empty caption.
@@ -47,6 +51,7 @@ def beam_search(
     beam_size: int,
     max_length: int,
     length_penalty: float = 0.0,
+    no_repeat_ngram: int = 0,
     start_id: int = START_ID,
     end_id: int = END_ID,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -72,13 +77,15 @@ def beam_search(
       beam_size: K, static.
       max_length: maximum caption length in tokens, `<end>` included; static.
       length_penalty: alpha >= 0 in sum_logp / n ** alpha, used to rank finished captions.
+      no_repeat_ngram: n >= 0, static: no n-gram twice in a caption (0: no such constraint).
     Returns:
       tokens: tf.int32 [B, max_length], caption without `<start>`, then `<end>` (unless truncated),
         then `<pad>`.
       scores: tf.float32 [B], mean log-prob per token of the caption (`<end>` included).
       lengths: tf.int32 [B], tokens in the caption, `<end>` included.
     """
-    _check(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty)
+    _check(beam_size=beam_size, max_length=max_length, length_penalty=length_penalty,
+           no_repeat_ngram=no_repeat_ngram)
     k, steps = beam_size, max_length
     batch = _batch_size(initial_state, context)
     positions = tf.range(steps)
@@ -124,7 +131,10 @@ def beam_search(
 
     def body(t, tokens, state, alive_seq, alive_sum, fin_seq, fin_sum, fin_len, fin_rank):
         log_probs, state = step_fn(tokens, state, context)
-        values, words = _top_allowed(tf.cast(log_probs, tf.float32), k, forbidden)  # [B*K, C] each
+        log_probs = tf.cast(log_probs, tf.float32)
+        if no_repeat_ngram:
+            log_probs = _block_repeats(log_probs, tf.reshape(alive_seq, [-1, steps]), t, no_repeat_ngram)
+        values, words = _top_allowed(log_probs, k, forbidden)  # [B*K, C] each
         per_beam = values.shape[1] or tf.shape(values)[1]
         candidates = alive_sum[:, :, None] + tf.reshape(values, [batch, k, per_beam])
         top_sum, pick = tf.math.top_k(tf.reshape(candidates, [batch, k * per_beam]), k=k)  # [B, K]
@@ -148,6 +158,7 @@ def greedy_search(
     context: Any,
     *,
     max_length: int,
+    no_repeat_ngram: int = 0,
     start_id: int = START_ID,
     end_id: int = END_ID,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -158,10 +169,11 @@ def greedy_search(
       initial_state: nested structure of tensors, each [B, ...].
       context: nested structure of tensors, each [B, ...].
       max_length: maximum caption length in tokens, `<end>` included; static.
+      no_repeat_ngram: as `beam_search`.
     Returns:
       tokens tf.int32 [B, max_length], scores tf.float32 [B], lengths tf.int32 [B], as `beam_search`.
     """
-    _check(beam_size=1, max_length=max_length, length_penalty=0.0)
+    _check(beam_size=1, max_length=max_length, length_penalty=0.0, no_repeat_ngram=no_repeat_ngram)
     steps = max_length
     batch = _batch_size(initial_state, context)
     positions = tf.range(steps)
@@ -174,6 +186,8 @@ def greedy_search(
         log_probs = tf.cast(log_probs, tf.float32)
         end_first = tf.where(t == 0, log_probs[:, end_id], end_first)
         log_probs = _forbid(log_probs, t, start_id, end_id)
+        if no_repeat_ngram:
+            log_probs = _block_repeats(log_probs, seq, t, no_repeat_ngram)
         token = tf.argmax(log_probs, axis=1, output_type=tf.int32)
         live = ~done  # finished rows still run through step_fn (batched) but change nothing
         seq = tf.where(live[:, None] & (positions == t), token[:, None], seq)
@@ -236,7 +250,9 @@ def sample_search(
     return seq, lengths
 
 
-def _check(*, beam_size: int, max_length: int, length_penalty: float) -> None:
+def _check(*, beam_size: int, max_length: int, length_penalty: float, no_repeat_ngram: int = 0) -> None:
+    if isinstance(no_repeat_ngram, bool) or not isinstance(no_repeat_ngram, int) or no_repeat_ngram < 0:
+        raise TfcapError(f"no-repeat n-gram size must be an integer >= 0 (0: off), got {no_repeat_ngram!r}")
     if not isinstance(beam_size, int) or beam_size < 1:
         raise TfcapError(f"beam size must be a positive integer, got {beam_size!r}")
     if not isinstance(max_length, int) or max_length < 1:
@@ -261,6 +277,28 @@ def _forbidden(vocab_size: tf.Tensor, t: tf.Tensor, start_id: int, end_id: int) 
 def _forbid(log_probs: tf.Tensor, t: tf.Tensor, start_id: int, end_id: int) -> tf.Tensor:
     """log_probs [N, V] with -inf for the tokens never generated at step t (`_forbidden`)."""
     return tf.where(_forbidden(tf.shape(log_probs)[1], t, start_id, end_id), _NEG_INF, log_probs)
+
+
+def _block_repeats(log_probs: tf.Tensor, seq: tf.Tensor, t: tf.Tensor, n: int) -> tf.Tensor:
+    """log_probs [N, V] with -inf for each token that would complete an n-gram already in its hypothesis.
+
+    seq: tf.int32 [N, T], each hypothesis's tokens at positions < t (anything beyond); the token chosen
+    at position t closes the n-gram seq[t-n+1 .. t-1] + token, a repeat when some earlier n-gram
+    seq[i .. i+n-1] (i + n - 1 < t) starts with the same n-1 tokens: its last token, seq[i+n-1], is the
+    one banned. All earlier n-grams of all rows are compared at once (T - n + 1 of them, n - 1 token
+    comparisons each); the banned (row, token) pairs, at most T per row, are set by one scatter.
+    """
+    steps = seq.shape[1]
+    if steps is None or steps <= n:  # no room for an n-gram and a later one
+        return log_probs
+    windows = steps - n + 1  # earlier n-grams start at i = 0 .. T-n
+    match = tf.range(windows)[None, :] <= t - n  # [1, W]: the n-gram at i ends before position t
+    for j in range(n - 1):  # static: compare the j-th token of every earlier n-gram with the current one
+        current = tf.gather(seq, tf.maximum(t - n + 1 + j, 0), axis=1)  # [N]; clamped where nothing matches
+        match = match & (seq[:, j:j + windows] == current[:, None])
+    found = tf.where(match)  # [M, 2]: (row, start) of each earlier n-gram to not complete again
+    banned = tf.stack([found[:, 0], tf.cast(tf.gather_nd(seq[:, n - 1:], found), tf.int64)], axis=1)
+    return tf.tensor_scatter_nd_update(log_probs, banned, tf.fill(tf.shape(banned)[:1], _NEG_INF))
 
 
 def sampled_log_probs(logits: tf.Tensor, tokens: tf.Tensor, lengths: tf.Tensor, start_id: int = START_ID,

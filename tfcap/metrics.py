@@ -191,6 +191,14 @@ def _ngram_counts(words: list[str], n: int) -> Counter:
     return counts
 
 
+def repeats_a_phrase(caption: str, n: int) -> bool:
+    """Whether a caption (words separated by spaces) holds some n-gram twice: what decoding with
+    `no_repeat_ngram=n` rules out ("a man wearing a hat is wearing a hat" repeats a 3-gram)."""
+    words = caption.split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
 def score_bleu(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str],
                n: int = 4) -> tuple[list[float], np.ndarray]:
     """Corpus BLEU-1..n as coco-caption's Bleu: clipped n-gram counts summed over the corpus,

@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 import tfcap
-from tfcap import decoder as decoders, decoding, encoder as encoders, images, text
+from tfcap import confidence, decoder as decoders, decoding, encoder as encoders, images, labels, text
 from tfcap.errors import TfcapError
 from tfcap.outputs import sha256_file, weights_bytes, write_bytes_atomic, write_text_atomic
 
@@ -47,7 +47,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(encoder=encoders.EncoderConfig(**d["encoder"]), decoder=decoders.DecoderConfig(**d["decoder"]),
+        return cls(encoder=encoders.EncoderConfig(**d["encoder"]),
+                   decoder=decoders.DecoderConfig.from_dict(d["decoder"]),
                    text=text.TextConfig(**d["text"]), precision=d["precision"], vocab_size=d["vocab_size"],
                    vocab_sha256=d["vocab_sha256"])
 
@@ -66,11 +67,17 @@ def feature_keys(config: decoders.DecoderConfig) -> tuple[str, ...]:
 
 
 class Captioner(tf.Module):
-    """Images in, captions out, all in TensorFlow graphs (the same graph that `export` saves)."""
+    """Images in, captions out, all in TensorFlow graphs (the same graph that `export` saves).
 
-    def __init__(self, config: ModelConfig, encoder: encoders.Encoder, decoder: keras.Model, vocab: text.Vocabulary):
+    classifier: the encoder's ImageNet classifier (`tfcap.labels`), or None when it has none.
+    assessor: the run's fitted confidence (`tfcap.confidence.Assessor`), or None when it has none.
+    """
+
+    def __init__(self, config: ModelConfig, encoder: encoders.Encoder, decoder: keras.Model, vocab: text.Vocabulary,
+                 classifier: labels.Classifier | None = None, assessor: confidence.Assessor | None = None):
         super().__init__(name="captioner")
         self.config, self.encoder, self.decoder, self.vocab = config, encoder, decoder, vocab
+        self.classifier, self.assessor = classifier, assessor
 
     def features(self, pixels: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
         """Preprocessed images tf.float32 [B, S, S, 3] -> {"pooled": [B, C], "grid": [B, L, C]} float32.
@@ -82,22 +89,74 @@ class Captioner(tf.Module):
         return {"pooled": self.encoder.pool(flat), "grid": flat}
 
     def generate(self, features: dict[str, tf.Tensor], *, beam_size: int = 3, length_penalty: float = 0.0,
-                 max_tokens: int | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """Decode features to token ids.
+                 no_repeat_ngram: int = 0, max_tokens: int | None = None) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """Decode features to token ids (no_repeat_ngram: see `decoding.beam_search`).
 
         Returns (tokens tf.int32 [B, T], scores tf.float32 [B] mean log-prob per token, lengths tf.int32 [B]).
         """
         state, context = self.decoder.initial_state(features)
         max_tokens = max_tokens or self.config.max_caption_tokens
         if beam_size == 1:
-            return decoding.greedy_search(self.decoder.step, state, context, max_length=max_tokens)
+            return decoding.greedy_search(self.decoder.step, state, context, max_length=max_tokens,
+                                          no_repeat_ngram=no_repeat_ngram)
         return decoding.beam_search(self.decoder.step, state, context, beam_size=beam_size, max_length=max_tokens,
-                                length_penalty=length_penalty)
+                                    length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)
 
     def caption_features(self, features, **kwargs) -> tuple[tf.Tensor, tf.Tensor]:
         """Features -> (captions tf.string [B], scores tf.float32 [B])."""
         tokens, scores, _ = self.generate(features, **kwargs)
         return self.vocab.decode(tokens), scores
+
+    def word_ids(self, captions: tf.Tensor) -> tf.Tensor:
+        """Caption strings tf.string [B] -> their word ids tf.int32 [B, max_length], 0-padded (text.encode_captions)."""
+        return self.ids_of_words(text.caption_words(captions, self.config.text))
+
+    def ids_of_words(self, words: tf.Tensor) -> tf.Tensor:
+        """Words tf.string [B, T], "" past each caption's end -> word ids tf.int32 [B, T], 0 there; unknown
+        words are `<unk>`. Only core TensorFlow ops: a SavedModel takes words, not text, because
+        normalizing text needs tensorflow-text's ops, which `tf.saved_model.load` alone does not have."""
+        return tf.where(words == "", text.PAD_ID, tf.cast(self.vocab.encode(words), tf.int32))
+
+    def assess(self, features: dict[str, tf.Tensor], ids: tf.Tensor) -> dict[str, tf.Tensor]:
+        """How far to trust captions `ids` (tf.int32 [B, T], 0-padded word ids) of the images: `score`
+        (mean log-probability per token, `<end>` included) tf.float32 [B], and with a fitted confidence
+        `confidence` [B], `in_domain` tf.bool [B], `typicality` [B] (see tfcap.confidence)."""
+        if self.assessor is not None:
+            return self.assessor.assess(features, ids)
+        log_p, tokens = confidence.caption_log_probs(self.decoder, features, ids)
+        return {"score": log_p / tokens}
+
+    def output_feature_keys(self, labels: int | None = 0) -> tuple[str, ...]:
+        """The features `describe` reads: the decoder's, and `pooled` for labels."""
+        keys = feature_keys(self.config.decoder)
+        return keys if not self.label_count(labels) or "pooled" in keys else (*keys, "pooled")
+
+    def label_count(self, asked: int | None) -> int:
+        """How many labels `describe` returns when `asked` for (None: the default): 0 without a classifier."""
+        return labels.count(asked, self.classifier.count) if self.classifier is not None else 0
+
+    def describe(self, features: dict[str, tf.Tensor], *, beam_size: int = 3, length_penalty: float = 0.0,
+                 no_repeat_ngram: int = 0, labels: int | None = 0) -> dict[str, tf.Tensor]:
+        """Features -> every per-image output, a dict of tensors [B, ...] (the columns they make: tfcap.rows):
+
+          captions tf.string [B], scores tf.float32 [B] (mean log-prob per token), and with a classifier and
+          `labels` = K > 0 (None: the default), labels tf.string [B, K] and label_probs tf.float32 [B, K]
+          (tfcap.labels); with a fitted confidence, confidence tf.float32 [B], in_domain tf.bool [B] and
+          typicality tf.float32 [B] of the caption (tfcap.confidence).
+
+        This is the one place a new per-image output is computed: `export` serves this dict as the
+        SavedModel's outputs, caption-dir and `tfcap caption` write it through `rows.FIELDS`.
+        """
+        tokens, scores, _ = self.generate(features, beam_size=beam_size, length_penalty=length_penalty,
+                                          no_repeat_ngram=no_repeat_ngram)
+        outputs = {"captions": self.vocab.decode(tokens), "scores": scores}
+        if self.assessor is not None:
+            words = tf.where(tf.cumsum(tf.cast(tokens == text.END_ID, tf.int32), axis=1) == 0, tokens, text.PAD_ID)
+            trust = self.assessor.assess(features, words, image_score=scores)  # the search's own log-probabilities
+            outputs.update({key: trust[key] for key in ("confidence", "in_domain", "typicality")})
+        if self.label_count(labels):
+            outputs["labels"], outputs["label_probs"] = self.classifier.top(features["pooled"], self.label_count(labels))
+        return outputs
 
     def preprocess_bytes(self, data: tf.Tensor) -> tf.Tensor:
         """One encoded image (tf.string []) -> tf.float32 [S, S, 3], ready for `features`."""
@@ -116,6 +175,17 @@ def write_run_files(run_dir: Path, config: ModelConfig, vocab: text.Vocabulary, 
     weights = {"id": encoder.weights_id, "file_sha256": sha256_file(run_dir / ENCODER_WEIGHTS)}
     payload = {"tfcap_version": tfcap.__version__, "model": config.to_dict(), "encoder_weights": weights, **extra}
     write_text_atomic(run_dir / CONFIG, json.dumps(payload, indent=2) + "\n")  # last: it makes a run directory
+
+
+def with_original_weights_id(encoder: encoders.Encoder, weights_file: Path, saved_weights: dict | None) -> encoders.Encoder:
+    """`encoder`, built from a run's `weights_file` (RUN_DIR/encoder.weights.h5), under the id of the
+    weights training started with while that file is the one training wrote (its sha256 in
+    config.json's `encoder_weights`): the same features, so the feature cache built from them serves
+    (a copy has another sha256, the same features)."""
+    if isinstance(saved_weights, dict) and "id" in saved_weights and Path(weights_file).is_file() \
+            and sha256_file(weights_file) == saved_weights.get("file_sha256"):
+        return encoders.Encoder(encoder.config, encoder.model, encoder.precision, saved_weights["id"])
+    return encoder
 
 
 def read_run_config(run_dir: Path) -> dict:
@@ -152,6 +222,14 @@ def encoder_from_dependency(saved: dict) -> bool:
             and not saved.get("train", {}).get("train_encoder"))
 
 
+def has_imagenet_classifier(saved: dict) -> bool:
+    """Whether a run's config.json (as read) describes an encoder whose ImageNet classifier fits its features:
+    a frozen EfficientNet-Lite with ImageNet weights (the bundled model's too; see tfcap.labels)."""
+    encoder = saved["model"]["encoder"]
+    return labels.has_imagenet_classifier(encoder["name"], encoder["weights"],
+                                          bool(saved.get("train", {}).get("train_encoder")))
+
+
 def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision: str | None = None, *,
                inference: bool = False) -> Captioner:
     """Rebuild the captioner from a run directory; TfcapError on a missing file or a vocab/config mismatch.
@@ -183,4 +261,6 @@ def load_model(run_dir: Path, weights: str = DECODER_WEIGHTS, encoder_precision:
         decoder.load_weights(str(run_dir / weights))
     except (ValueError, KeyError) as e:
         raise TfcapError(f"{run_dir / weights} does not fit the decoder in config.json: {str(e).splitlines()[0]}") from None
-    return Captioner(config, encoder, decoder, vocab)
+    classifier = labels.imagenet_classifier(config.encoder.name) if has_imagenet_classifier(saved) else None
+    return Captioner(config, encoder, decoder, vocab, classifier,
+                     confidence.load(run_dir, decoder, config.vocab_size, encoder.feature_dim))

@@ -14,14 +14,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
-import numpy as np
-
 from tfcap.errors import TfcapError
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT = "flickr8k-lite2-merge"
+DEFAULT = "flickr8k-lite2-attention"
 CARD = "card.json"
+DECODING = "decoding.json"  # export.DECODING, read here without importing TensorFlow
 
 
 def names() -> list[str]:
@@ -49,6 +47,13 @@ def card(name: str = DEFAULT) -> dict:
     return json.loads((path(name) / CARD).read_text(encoding="utf-8"))
 
 
+def decoding(name: str = DEFAULT) -> dict:
+    """The decoding settings a bundled model captions with by default ({"beam_size": 3, "length_penalty": 1.0}:
+    its decoding.json, chosen on val); {} without one."""
+    file = path(name) / DECODING
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+
+
 def is_bundled(model: Path) -> bool:
     try:
         return Path(model).resolve().parent == MODELS_DIR
@@ -62,6 +67,9 @@ def store_float16(source: Path, target: Path) -> None:
     Keras casts on load (the variables stay float32), so the model computes in float32 with
     weights rounded to float16: captions checked equal before bundling (tools/build_default_model.sh).
     """
+    import h5py  # here, not at the top: `tfcap models` and the CLI's option help read this module
+    import numpy as np
+
     with h5py.File(source, "r") as src, h5py.File(target, "w") as dst:
         def copy(name, item):
             if isinstance(item, h5py.Dataset):

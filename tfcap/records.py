@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -36,6 +37,7 @@ import tfcap
 from tfcap import datasets, images, text
 from tfcap.errors import TfcapError
 from tfcap.outputs import Output, claimed, sha256_file, write_text_atomic
+from tfcap.reading import ListOf, Object, Optional, Rule, excerpt, parse_json, read_text, shape_error
 from tfcap.progress import Stopwatch, progress_bar, summary
 
 MANIFEST = "manifest.json"
@@ -446,15 +448,63 @@ def build_records(source: datasets.Source, out: Path | Output, config: RecordsCo
 # Reading
 
 
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_COUNT = Rule(_count, "a count (an integer >= 0)")
+_SHA256 = Rule(lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None, "a sha256 in hex")
+# A shard is a file of the records folder itself: never a path that leads elsewhere.
+_FILE_NAME = Rule(lambda v: isinstance(v, str) and v not in ("", ".", "..") and not set(v) & set("/\\\0"),
+                  "a file name in the records folder")
+_SPLIT = Object({"images": _COUNT, "captions": _COUNT,
+                 "shards": ListOf(Object({"file": _FILE_NAME, "records": _COUNT, "sha256": _SHA256,
+                                          "bytes": Optional(_COUNT)}))})
+_NORMAL_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
+# What readers of a manifest use (train, evaluate, the feature cache), checked before any of it is.
+MANIFEST_SHAPE = Object({
+    "splits": Object({split: _SPLIT for split in datasets.SPLITS}, rest=_SPLIT),
+    "vocab_size": _COUNT,
+    "vocab_sha256": _SHA256,
+    "text": Object({"normalization": Optional(Rule(lambda v: v in _NORMAL_FORMS, " or ".join(_NORMAL_FORMS))),
+                    "lowercase": Optional(bool), "strip_punctuation": Optional(bool), "max_length": Optional(_COUNT)},
+                   closed=True),
+    "compression": Optional(Rule(lambda v: v in (None, "gzip"), 'null or "gzip"')),
+})
+
+
 def read_manifest(records_dir: Path) -> dict:
-    """The manifest of a records folder; TfcapError if it is not one."""
+    """The manifest of a records folder, checked for the shape its readers use; TfcapError if it is not one."""
     path = Path(records_dir) / MANIFEST
     if not path.is_file():
         raise TfcapError(f"{records_dir} is not a records folder (no {MANIFEST}); make one with tfcap build-records")
+    rebuild = "rebuild the records with tfcap build-records"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TfcapError(f"{path} is damaged ({e}); rebuild the records with tfcap build-records") from None
+        manifest = parse_json(read_text(path, "manifest"), str(path))
+    except TfcapError as e:
+        raise TfcapError(f"{e}; {rebuild}") from None
+    error = shape_error(manifest, MANIFEST_SHAPE)
+    if error is not None:
+        raise TfcapError(f"{path} is damaged ({error}); {rebuild}")
+    for split, entry in manifest["splits"].items():
+        records = sum(shard["records"] for shard in entry["shards"])
+        if records != entry["images"]:
+            raise TfcapError(f"{path} is damaged (split {excerpt(split, 40)}: {entry['images']} images but "
+                             f"{records} records in its shards); {rebuild}")
+    return manifest
+
+
+def verify_vocabulary(records_dir: Path) -> list[str]:
+    """The words of the records' vocab.txt, after checking them against the manifest's vocabulary size
+    and sha256: a vocabulary cut short or reordered would give the records' word ids other words."""
+    manifest, path = read_manifest(records_dir), Path(records_dir) / VOCAB
+    words = text.read_words(path)
+    digest = text.words_sha256(words)
+    if len(words) != manifest["vocab_size"] or digest != manifest["vocab_sha256"]:
+        raise TfcapError(f"{path} is damaged: {len(words)} words, sha256 {digest[:12]}, where {MANIFEST} says "
+                         f"{manifest['vocab_size']} words, {manifest['vocab_sha256'][:12]}; rebuild the records "
+                         "with tfcap build-records")
+    return words
 
 
 _VERIFIED: dict[str, list] = {}  # resolved shard path -> [size, mtime_ns, sha256] verified by this process
@@ -515,7 +565,8 @@ def verify_shards(records_dir: Path, split: str) -> None:
 
 
 def load_vocabulary(records_dir: Path) -> text.Vocabulary:
-    return text.Vocabulary.load(Path(records_dir) / VOCAB)
+    """The records' vocabulary, checked against the manifest (`verify_vocabulary`)."""
+    return text.Vocabulary(verify_vocabulary(records_dir))
 
 
 FEATURES = {
@@ -565,12 +616,14 @@ def without_autotuning(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 def load_split(records_dir: Path, split: str, *, shuffle_shards: bool = False, seed: int | None = None,
                parse: bool = True) -> tf.data.Dataset:
-    """A tf.data.Dataset over one split's records, shards read in parallel, after `verify_shards`.
+    """A tf.data.Dataset over one split's records, shards read in parallel, after `verify_shards` and
+    `verify_vocabulary` (every file the manifest fingerprints is checked before use).
 
     Elements are dicts as from `parse_example` (or serialized tf.string scalars if not `parse`),
     in a deterministic order (shards interleaved) unless `shuffle_shards`.
     """
     manifest = read_manifest(records_dir)
+    verify_vocabulary(records_dir)
     verify_shards(records_dir, split)
     files = shard_paths(records_dir, split)
     compression = _tf_compression(manifest.get("compression"))

@@ -85,10 +85,11 @@ class SelfCritical:
         """features of B images -> samples int32 [B*K, T] and lengths [B*K], greedy [B, T] and lengths [B]."""
         decoder = self.trainer.decoder
         state, context = decoder.initial_state(feats)
-        tile = lambda x: tf.repeat(x, self.samples, axis=0)  # rows b*K .. b*K + K-1 belong to image b
-        sampled, lengths = decoding.sample_search(decoder.step, tf.nest.map_structure(tile, state),
-                                              tf.nest.map_structure(tile, context), max_length=self.max_tokens,
-                                              seed=seed)
+        # Rows b*K .. b*K + K-1 of the state are image b's samples; they share its context row (a
+        # decoder's step reads one context row per K consecutive state rows): no K copies of a grid.
+        tile = lambda x: tf.repeat(x, self.samples, axis=0)  # noqa: E731
+        sampled, lengths = decoding.sample_search(decoder.step, tf.nest.map_structure(tile, state), context,
+                                                  max_length=self.max_tokens, seed=seed)
         greedy, _, greedy_lengths = decoding.greedy_search(decoder.step, state, context, max_length=self.max_tokens)
         return sampled, lengths, greedy, greedy_lengths
 
@@ -96,10 +97,10 @@ class SelfCritical:
         """Policy gradient: loss = -sum(advantage * log p(token) over sampled tokens) / tokens; counts the
         step (`trainer.count_step`) and adds the batch's rewards to the epoch's sums, in this one graph."""
         trainer = self.trainer
-        tiled = {k: tf.repeat(v, self.samples, axis=0) for k, v in feats.items()}
+        owners = tf.repeat(tf.range(tf.shape(sampled)[0] // self.samples), self.samples)  # samples share features
         inputs = tf.concat([tf.fill([tf.shape(sampled)[0], 1], text.START_ID), sampled[:, :-1]], axis=1)
         with tf.GradientTape() as tape:
-            logits, _ = trainer.decoder(tiled, inputs)
+            logits, _ = trainer.decoder(feats, inputs, owners=owners)
             loss = policy_loss(tf.cast(logits, tf.float32), sampled, lengths, advantages)
             scaled = trainer.optimizer.scale_loss(loss)
         trainer.apply_gradients(tape.gradient(scaled, trainer.variables))
@@ -129,6 +130,7 @@ class SelfCritical:
         else:
             baseline = greedy_rewards[:, None]
         advantages = (per_image - baseline).reshape(-1).astype(np.float32)
+        sampled = sampled[:, :max(int(lengths.max()), 1)]  # teacher-forced to the longest sample, not max_tokens
         loss = self.gradient(feats, tf.constant(sampled), tf.constant(lengths), tf.constant(advantages),
                              tf.constant(rewards, tf.float64), tf.constant(greedy_rewards, tf.float64))
         return loss, float(len(rewards))

@@ -22,6 +22,7 @@ import tensorflow_text as tf_text
 
 from tfcap.errors import TfcapError
 from tfcap.outputs import write_text_atomic
+from tfcap.reading import read_text
 
 PAD, UNK, START, END = "<pad>", "<unk>", "<start>", "<end>"
 RESERVED = (PAD, UNK, START, END)
@@ -72,6 +73,16 @@ def tokenize(texts: tf.Tensor, config: TextConfig = TextConfig()) -> tf.RaggedTe
     return tf_text.WhitespaceTokenizer().tokenize(normalize(texts, config))
 
 
+def words_sha256(words: list[str]) -> str:
+    """The fingerprint of a vocabulary, as manifests and run configs hold it: sha256 of its words, one a line."""
+    return hashlib.sha256("\n".join(words).encode("utf-8")).hexdigest()
+
+
+def read_words(path: Path) -> list[str]:
+    """The words of a vocab.txt, one a line; an error naming it if it is not UTF-8 text."""
+    return read_text(path, "vocabulary").splitlines()
+
+
 class Vocabulary(tf.Module):
     """Word <-> id mapping backed by a TensorFlow lookup table (so it can live in a SavedModel)."""
 
@@ -93,7 +104,7 @@ class Vocabulary(tf.Module):
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256("\n".join(self.words).encode("utf-8")).hexdigest()
+        return words_sha256(self.words)
 
     @classmethod
     def from_counts(cls, words: np.ndarray, counts: np.ndarray, min_count: int) -> "Vocabulary":
@@ -116,7 +127,7 @@ class Vocabulary(tf.Module):
         path = Path(path)
         if not path.is_file():
             raise TfcapError(f"no vocabulary at {path}")
-        return cls(path.read_text(encoding="utf-8").splitlines())
+        return cls(read_words(path))
 
     def encode(self, tokens: tf.RaggedTensor | tf.Tensor) -> tf.RaggedTensor | tf.Tensor:
         """Words (tf.string, any shape or ragged) -> ids (tf.int64, same shape); unknown -> <unk>."""
@@ -137,6 +148,11 @@ class Vocabulary(tf.Module):
         keep = before_end & (ids != PAD_ID) & (ids != START_ID)
         words = tf.ragged.boolean_mask(tf.gather(self._words, ids), keep)
         return tf.strings.reduce_join(words, axis=1, separator=" ")
+
+
+def caption_words(texts: tf.Tensor, config: TextConfig) -> tf.Tensor:
+    """Raw captions tf.string [N] -> their words tf.string [N, max_length], truncated, "" past the end."""
+    return tokenize(texts, config)[:, : config.max_length].to_tensor(default_value="", shape=[None, config.max_length])
 
 
 def encode_captions(texts: tf.Tensor, vocab: Vocabulary, config: TextConfig) -> tuple[tf.RaggedTensor, tf.Tensor]:

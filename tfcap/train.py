@@ -44,7 +44,7 @@ import tensorflow as tf
 from tfcap import (decoder as decoders, distribute, encoder as encoders, features, inputs, metrics, model as models,
                    records, scst, text)
 from tfcap.errors import Interrupted, TfcapError
-from tfcap.outputs import Output, append_to, sha256_file, weights_bytes, write_files_atomic, write_text_atomic
+from tfcap.outputs import Output, append_to, weights_bytes, write_files_atomic, write_text_atomic
 from tfcap.progress import Stopwatch, summary
 
 CHECKPOINTS = "checkpoints"
@@ -165,9 +165,29 @@ def _schedule(config: TrainConfig, total_steps: int):
         warmup_target=config.learning_rate, warmup_steps=warmup)
 
 
-def _steps_per_epoch(manifest: dict, split: str, config: TrainConfig) -> int:
-    by_image = config.captions_per_image == "one" or config.train_encoder or config.objective == "scst"
-    n = manifest["splits"][split]["images" if by_image else "captions"]
+def _images_per_step(manifest: dict, config: TrainConfig, decoder_config: decoders.DecoderConfig,
+                     distributed: bool) -> int:
+    """Images per training step when the batches are of images with all their captions; 0 when of captions.
+
+    --train-encoder and SCST: batch_size images. The attention decoder with a projected grid
+    (context_dim) on one device: as many images as hold about batch_size captions, so that each
+    image's grid is projected once per step for all its captions. Attention runs from before
+    context_dim keep the caption batches they were trained on, so that they resume exactly.
+    """
+    if config.captions_per_image != "all":
+        return 0
+    if config.train_encoder or config.objective == "scst":
+        return config.batch_size
+    if decoders.needs_grid(decoder_config) and decoder_config.context_dim and not distributed:
+        split = manifest["splits"]["train"]
+        return max(1, round(config.batch_size * split["images"] / max(split["captions"], 1)))
+    return 0
+
+
+def _steps_per_epoch(manifest: dict, split: str, config: TrainConfig, images_per_step: int) -> int:
+    if images_per_step:
+        return max(1, math.ceil(manifest["splits"][split]["images"] / images_per_step))
+    n = manifest["splits"][split]["images" if config.captions_per_image == "one" else "captions"]
     return max(1, math.ceil(n / config.batch_size))
 
 
@@ -175,9 +195,15 @@ class _Trainer:
     """State and compiled steps of one run; `fit` is the epoch loop."""
 
     def __init__(self, captioner: models.Captioner, train_config: TrainConfig, total_steps: int, run_dir: Path,
-                 reward: metrics.TokenCiderD | None = None, placement: distribute.Placement | None = None):
-        """Under `placement`'s strategy scope when it is given (its variables are then the strategy's)."""
+                 reward: metrics.TokenCiderD | None = None, placement: distribute.Placement | None = None,
+                 images_per_step: int | None = None):
+        """Under `placement`'s strategy scope when it is given (its variables are then the strategy's).
+        images_per_step: see `_images_per_step`; None: batch_size with --train-encoder or SCST, else 0."""
         self.captioner, self.config, self.run_dir = captioner, train_config, run_dir
+        if images_per_step is None:
+            by_image = train_config.train_encoder or train_config.objective == "scst"
+            images_per_step = train_config.batch_size if by_image else 0
+        self.images_per_step = images_per_step
         self.placement = placement or distribute.Placement(tf.distribute.get_strategy(), "one-device")
         self.decoder, self.encoder = captioner.decoder, captioner.encoder
         self.train_encoder = train_config.train_encoder
@@ -234,13 +260,10 @@ class _Trainer:
         self.decode_step = tf.function(
             lambda feats: captioner.generate(self._features(feats), beam_size=1)[0], reduce_retracing=True)
 
-    def _features(self, feats, owners=None, training: bool = False) -> dict[str, tf.Tensor]:
-        """Decoder features of a batch: the cached ones, or the encoder's on images (train_encoder);
-        with `owners` (tf.int32 [N]), one row per caption instead of per image."""
+    def _features(self, feats, training: bool = False) -> dict[str, tf.Tensor]:
+        """Decoder features of a batch: the cached ones, or the encoder's on images (train_encoder)."""
         if self.train_encoder:
             feats = self.captioner.features(feats["image"], training=training and self.batch_norm_training)
-        if owners is not None:
-            feats = {k: tf.gather(v, owners) for k, v in feats.items()}
         return feats
 
     def _train_step_graph(self, *batch):
@@ -272,7 +295,7 @@ class _Trainer:
         local_tokens = tf.reduce_sum(tf.cast(tf.not_equal(targets, text.PAD_ID), tf.float32))
         all_tokens, all_rows = self._sum_over_replicas([local_tokens, rows])
         with tf.GradientTape() as tape:
-            logits, penalty = self.decoder(self._features(feats, owners, training=True), inputs_, seed=seed)
+            logits, penalty = self.decoder(self._features(feats, training=True), inputs_, seed=seed, owners=owners)
             loss_sum, tokens = masked_cross_entropy_sum(targets, logits)
             # multiply_no_nan: an empty slice's penalty is a mean over no rows (NaN), its share 0.
             total = loss_sum / tf.maximum(all_tokens, 1.0) + tf.math.multiply_no_nan(penalty, rows / all_rows)
@@ -322,15 +345,18 @@ class _Trainer:
         self.global_step.assign_add(1)
 
     def _eval_step(self, feats, inputs_, targets, owners=None):
-        logits, _ = self.decoder(self._features(feats, owners), inputs_)
+        logits, _ = self.decoder(self._features(feats), inputs_, owners=owners)
         loss, tokens = masked_cross_entropy(targets, logits)
         return loss * tokens, tokens
 
     def batches(self, data: tf.data.Dataset, *, shuffle: bool, epoch: int = 0, captions_per_image: str = "all"):
         """Training or validation batches: (features, inputs, targets[, owners]), see `tfcap.inputs`."""
-        if (self.train_encoder or self.self_critical) and captions_per_image == "all":
-            return inputs.image_caption_batches(data, batch_size=self.config.batch_size, feature_keys=self.keys,
-                                                shuffle=shuffle, seed=self.config.seed, epoch=epoch)
+        if self.images_per_step and captions_per_image == "all":
+            # Cross-entropy by image (the attention decoder): images of similar longest captions.
+            by_length = shuffle and not (self.train_encoder or self.self_critical)
+            return inputs.image_caption_batches(data, batch_size=self.images_per_step, feature_keys=self.keys,
+                                                shuffle=shuffle, seed=self.config.seed, epoch=epoch,
+                                                by_length=by_length)
         return inputs.caption_batches(data, batch_size=self.config.batch_size, feature_keys=self.keys,
                                       captions_per_image=captions_per_image, shuffle=shuffle,
                                       seed=self.config.seed, epoch=epoch)
@@ -507,10 +533,8 @@ def _resumed_encoder(config: encoders.EncoderConfig, precision: str, saved_weigh
     """The run's encoder from RUN_DIR/encoder.weights.h5. While that file is the one training
     started with (sha256 in config.json), its weights are the original ones, so it keeps their id
     and the feature cache built from them serves (a copy has another sha256, the same features)."""
-    encoder = encoders.build_encoder(config, precision)
-    if saved_weights and sha256_file(config.weights) == saved_weights["file_sha256"]:
-        encoder = encoders.Encoder(encoder.config, encoder.model, encoder.precision, saved_weights["id"])
-    return encoder
+    return models.with_original_weights_id(encoders.build_encoder(config, precision), Path(config.weights),
+                                           saved_weights)
 
 
 # Settings whose option is not "--" + the field name with dashes.
@@ -528,7 +552,8 @@ def _resumed_train_config(run_dir: Path, saved: dict, given: dict) -> TrainConfi
         TfcapError naming its option.
     """
     train_config = TrainConfig(**saved["train"])
-    sections = {"encoder": saved["model"]["encoder"], "decoder": saved["model"]["decoder"], "train": saved["train"]}
+    sections = {"encoder": saved["model"]["encoder"], "train": saved["train"],  # the decoder's with fields added since
+                "decoder": dataclasses.asdict(decoders.DecoderConfig.from_dict(saved["model"]["decoder"]))}
     for key, value in given.items():
         section, field = key.split(".")
         had = sections[section].get(field)
@@ -674,9 +699,10 @@ def _train_in_scope(records_dir, run_dir, train_config, resume, show_progress, s
             "train": dataclasses.asdict(train_config),
             "records": {"path": str(records_dir.resolve()), "vocab_sha256": manifest["vocab_sha256"],
                         "train_images": manifest["splits"]["train"]["images"]}})
-    steps_per_epoch = _steps_per_epoch(manifest, "train", train_config)
+    images_per_step = _images_per_step(manifest, train_config, model_config.decoder, placement.distributed)
+    steps_per_epoch = _steps_per_epoch(manifest, "train", train_config, images_per_step)
     trainer = _Trainer(captioner, train_config, steps_per_epoch * (train_config.schedule_epochs or train_config.epochs),
-                       run_dir, reward, placement)
+                       run_dir, reward, placement, images_per_step)
     if resume:
         latest = tf.train.latest_checkpoint(str(run_dir / CHECKPOINTS))  # the chief's, for every worker
         if latest is None:

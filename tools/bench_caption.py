@@ -4,6 +4,7 @@
     python tools/bench_caption.py fold [--encoder xception] [--batch 32] [--repeats 5] [--precision P]
     python tools/bench_caption.py rss IMAGES --model RUN_DIR [--small 500] [--large 5000]
     python tools/bench_caption.py beam [--vocab 3000] [--batch 32] [--steps 20] [--baseline REV] [--threads N]
+                                       [--no-repeat-ngram N]
 
 speed: on the first --images files of IMAGES (sorted), with the captioner of --model RUN_DIR, measures
 images/s of
@@ -11,7 +12,8 @@ images/s of
       decode, resize, preprocess) and encoder (BatchNorm folded), nothing after;
   (b) `tfcap caption-dir` end to end (walk, pipeline, encoder, beam search 3, CSV), library call;
   (c) the notebook way: PIL open + resize, one encoder `model.predict` per image (the stock Keras
-      model), then one decoder `model.predict` per generated word (greedy), same decoder weights.
+      model), then one decoder `model.predict` per generated word (greedy), same decoder weights;
+      left out with --notebook-images 0.
 With --precision mixed_bfloat16, (a) and (b) run the encoder in bfloat16
 (`caption-dir --precision`) while the notebook stays in float32, as notebooks do.
 Warm-up runs (tracing) are excluded. Prints each run (with the mean words per caption of (b) and
@@ -26,7 +28,9 @@ to 4x faster than it is on real captions. The benchmark warns when (c)'s caption
 beam: beam search alone (beam 3) on a random-init merge decoder step (vocabulary --vocab, --batch
 images, exactly --steps steps: `<end>` is never chosen), against the same decoder steps run without
 search (argmax tokens, no reordering) and greedy decoding; with --baseline REV, also the beam search
-of tfcap/decoding.py (tfcap/beam.py before it was renamed) at git revision REV, interleaved in the same process, and the speed-up over it.
+of tfcap/decoding.py (tfcap/beam.py before it was renamed) at git revision REV, interleaved in the same process, and the speed-up over it
+(its results must equal today's, bit for bit); with --no-repeat-ngram N, also beam 3 blocking repeated N-grams
+(`decoding._block_repeats`) and its cost over plain beam 3.
 
 fold: the encoder alone on one random batch (--batch, default 32) in memory, with BatchNorm as Keras
 builds it against BatchNorm folded into the convolutions (what caption-dir runs), interleaved;
@@ -51,6 +55,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from tfcap.quiet import import_tensorflow
 
 
 def link_images(source: Path, count: int, folder: Path) -> list[Path]:
@@ -133,11 +139,16 @@ def speed(args) -> None:
     try:
         run = Path(args.model)
         files = link_images(Path(args.images_dir), args.images, work / "images")
-        captioner = model.load_model(run)  # the notebook's: stock Keras layers, the run's precision
         predictor = export.load_predictor(run, beam_size=3, precision=args.precision)  # caption-dir's
-        print(f"model: {captioner.config.encoder.name} at {captioner.encoder.size}, vocabulary "
-              f"{captioner.config.vocab_size}, {len(files)} images; (a) and (b) in "
-              f"{predictor.settings['encoder_precision']}, (c) in {captioner.encoder.precision}", flush=True)
+        config = predictor.settings["model"]
+        # The notebook (c) is the merge architecture in stock Keras layers: it has no attention decoder.
+        notebook = args.notebook_images > 0 and config["decoder"]["kind"] == "merge"
+        if args.notebook_images and not notebook:
+            print(f"(c) skipped: the notebook's decoder is a merge LSTM, this model's is {config['decoder']['kind']}")
+        captioner = model.load_model(run) if notebook else None  # the notebook's: stock Keras layers
+        print(f"model: {config['encoder']['name']} at {predictor.settings['image_size']}, vocabulary "
+              f"{config['vocab_size']}, {len(files)} images; (a) and (b) in {predictor.settings['encoder_precision']}"
+              + (f", (c) in {captioner.encoder.precision}" if notebook else ""), flush=True)
 
         def encoder_alone(paths) -> float:  # caption-dir's own input pipeline and encoder, nothing after
             start = time.perf_counter()
@@ -163,27 +174,33 @@ def speed(args) -> None:
         link_images(Path(args.images_dir), 40, warm)
         encoder_alone(sorted(warm.iterdir()))
         caption_dir(warm)
-        pooled_model, decoder_model, max_len = notebook_models(captioner)
-        notebook_caption(sorted(warm.iterdir())[:1], captioner, pooled_model, decoder_model, max_len)
+        if notebook:
+            pooled_model, decoder_model, max_len = notebook_models(captioner)
+            notebook_caption(sorted(warm.iterdir())[:1], captioner, pooled_model, decoder_model, max_len)
 
         a, b, c, c_encoder, c_words = [], [], [], [], []
         for r in range(args.repeats):
             load = os.getloadavg()[0]
             a.append(encoder_alone(files))
             b.append(caption_dir(work / "images"))
-            start, parts = time.perf_counter(), {}
-            texts = notebook_caption(files[: args.notebook_images], captioner, pooled_model, decoder_model, max_len,
-                                     parts)
-            c.append(args.notebook_images / (time.perf_counter() - start))
-            c_encoder.append(parts["encoder"] / args.notebook_images)
-            c_words.append(statistics.mean(len(t.split()) for t in texts))
-            print(f"run {r + 1}: (a) encoder alone {a[-1]:.2f} images/s, (b) caption-dir {b[-1]:.2f} images/s "
-                  f"({caption_words[-1]:.1f} words per caption), (c) notebook {c[-1]:.3f} images/s "
-                  f"({c_words[-1]:.1f} words; {c_encoder[-1]:.3f} s/image in its "
-                  f"encoder predict); load average {load:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
-        ma, mb, mc = statistics.median(a), statistics.median(b), statistics.median(c)
-        print(f"median of {args.repeats}: (a) {ma:.2f}, (b) {mb:.2f}, (c) {mc:.3f} images/s; "
-              f"(b)/(a) = {mb / ma:.2f} (target >= 0.9), (b)/(c) = {mb / mc:.1f}x (target >= 8)")
+            line = (f"run {r + 1}: (a) encoder alone {a[-1]:.2f} images/s, (b) caption-dir {b[-1]:.2f} images/s "
+                    f"({caption_words[-1]:.1f} words per caption)")
+            if notebook:
+                start, parts = time.perf_counter(), {}
+                texts = notebook_caption(files[: args.notebook_images], captioner, pooled_model, decoder_model,
+                                         max_len, parts)
+                c.append(args.notebook_images / (time.perf_counter() - start))
+                c_encoder.append(parts["encoder"] / args.notebook_images)
+                c_words.append(statistics.mean(len(t.split()) for t in texts))
+                line += (f", (c) notebook {c[-1]:.3f} images/s ({c_words[-1]:.1f} words; {c_encoder[-1]:.3f} s/image "
+                         "in its encoder predict)")
+            print(f"{line}; load average {load:.2f} -> {os.getloadavg()[0]:.2f}", flush=True)
+        ma, mb = statistics.median(a), statistics.median(b)
+        print(f"median of {args.repeats}: (a) {ma:.2f}, (b) {mb:.2f} images/s; (b)/(a) = {mb / ma:.2f} (target >= 0.9)")
+        if not notebook:
+            return
+        mc = statistics.median(c)
+        print(f"median of {args.repeats}: (c) {mc:.3f} images/s; (b)/(c) = {mb / mc:.1f}x (target >= 8)")
         if statistics.median(c_words) < 3:
             print(f"WARNING: the notebook's captions average {statistics.median(c_words):.1f} words: it skipped "
                   "most of its per-word predicts, so (c) is far faster than on real captions; train the model "
@@ -303,6 +320,9 @@ def beam_speed(args) -> None:
                   "beam 3": searcher(decoding.beam_search, beam_size=k)}
     if args.baseline:
         contenders[f"beam 3 at {args.baseline}"] = searcher(load_beam(args.baseline).beam_search, beam_size=k)
+    blocked = f"beam 3, no repeated {args.no_repeat_ngram}-gram"
+    if args.no_repeat_ngram:
+        contenders[blocked] = searcher(decoding.beam_search, beam_size=k, no_repeat_ngram=args.no_repeat_ngram)
     for name, fn in contenders.items():  # trace and warm up
         out = fn(pooled)
         if name.startswith("beam"):
@@ -330,6 +350,9 @@ def beam_speed(args) -> None:
         print(f"  beam 3 at {args.baseline} / now = {old / medians['beam 3']:.2f}x (overhead "
               f"{(old - floor) * 1e3:.1f} -> {(medians['beam 3'] - floor) * 1e3:.1f} ms per batch); minimums: "
               f"{min(times[f'beam 3 at {args.baseline}']) / min(times['beam 3']):.2f}x")
+    if args.no_repeat_ngram:
+        print(f"  {blocked} / beam 3 = {medians[blocked] / medians['beam 3']:.3f}x "
+              f"(+{(medians[blocked] - medians['beam 3']) * 1e3:.1f} ms per batch)")
 
 
 def main() -> None:
@@ -352,7 +375,10 @@ def main() -> None:
                         "keeps the run's); fold: the encoders' (default float32)")
     parser.add_argument("--threads", type=int, default=0, help="beam: TensorFlow intra- and inter-op threads "
                         "(0: TensorFlow's default; 1 is steadier on a busy machine)")
+    parser.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                        help="beam: also time beam 3 with no repeated N-gram")
     args = parser.parse_args()
+    import_tensorflow()  # without its start-up lines
     if args.mode in ("speed", "rss") and not args.model:
         parser.error(f"{args.mode} needs --model RUN_DIR")
     if args.mode in ("speed", "rss") and not args.images_dir:

@@ -1,9 +1,10 @@
 """Turn a trained run directory into a bundled model of the package (tfcap/models/NAME/).
 
     python tools/bundle_model.py RUN_DIR RECORDS --name NAME --beam-size K --length-penalty A \
-        --summary "..." [--overwrite]
+        [--no-repeat-ngram N] --summary "..." [--overwrite]
 
-Copies vocab.txt and metrics.jsonl, and config.json marked `"encoder_weights": {"from": "imagenet"}`
+Copies vocab.txt, metrics.jsonl and the fitted confidence (confidence.json, confidence.h5: `tfcap
+fit-confidence RUN_DIR RECORDS` first), and config.json marked `"encoder_weights": {"from": "imagenet"}`
 (`model.FROM_DEPENDENCY`: the encoder's weights come from the installed package); stores the decoder's best weights in float16 and
 checks on the val split (its cached features) how many captions that changes (printed, and kept in
 card.json); leaves out the encoder weights when they are the plain ImageNet ones (an installed
@@ -21,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from choose_decoding import cached_batches, decode  # tools/, beside this script
-from tfcap import evaluate, model as models, pretrained
+from tfcap import confidence, evaluate, model as models, pretrained
 from tfcap.export import DECODING
 
 LICENCE = ("decoder trained on Flickr8k (Hodosh, Young & Hockenmaier 2013), whose images and captions are for "
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--name", default=pretrained.DEFAULT)
     parser.add_argument("--beam-size", type=int, required=True)
     parser.add_argument("--length-penalty", type=float, required=True)
+    parser.add_argument("--no-repeat-ngram", type=int, default=0, help="n-gram blocking chosen on val (0: none)")
     parser.add_argument("--summary", required=True)
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
@@ -52,16 +54,20 @@ def main() -> None:
         bundle.mkdir()
         for name in (models.VOCAB, "metrics.jsonl"):
             shutil.copy2(args.run_dir / name, bundle / name)
+        if confidence.exists(args.run_dir):  # tfcap fit-confidence RUN_DIR RECORDS
+            for name in (confidence.CONFIG, confidence.WEIGHTS):
+                shutil.copy2(args.run_dir / name, bundle / name)
         (bundle / models.CONFIG).write_text(json.dumps({**saved, "encoder_weights": models.FROM_DEPENDENCY}, indent=2)
                                             + "\n", encoding="utf-8")
         pretrained.store_float16(args.run_dir / models.DECODER_WEIGHTS, bundle / models.DECODER_WEIGHTS)
-        decoding = {"beam_size": args.beam_size, "length_penalty": args.length_penalty}
+        decoding = {"beam_size": args.beam_size, "length_penalty": args.length_penalty,
+                    "no_repeat_ngram": args.no_repeat_ngram}
         (bundle / DECODING).write_text(json.dumps(decoding) + "\n")
 
         full_model, half_model = models.load_model(args.run_dir), models.load_model(bundle)
         batches = cached_batches(full_model, args.records, "val")
-        full = decode(full_model, batches, args.beam_size, args.length_penalty)
-        half = decode(half_model, batches, args.beam_size, args.length_penalty)
+        full = decode(full_model, batches, args.beam_size, args.length_penalty, args.no_repeat_ngram)
+        half = decode(half_model, batches, args.beam_size, args.length_penalty, args.no_repeat_ngram)
         differ = sum(full[k] != half[k] for k in full)
         print(f"float16 weights: {differ} of {len(full)} val captions differ from float32", file=sys.stderr)
 
@@ -71,6 +77,9 @@ def main() -> None:
         card = {"name": args.name, "summary": args.summary, "test_split": f"Flickr8k test, {result.images_scored} images",
                 "test_scores": scores, "decoding": decoding, "float16_val_captions_changed": differ,
                 "licence": LICENCE, "trained_from": saved["train"], "built_by": "tools/build_default_model.sh"}
+        if confidence.exists(bundle):  # what its fit measured on val (tools/bench_confidence.py measures test)
+            fitted = json.loads((bundle / confidence.CONFIG).read_text())
+            card["confidence"] = {"matcher": fitted["matcher"], "val": fitted["val"]}
         (bundle / pretrained.CARD).write_text(json.dumps(card, indent=2) + "\n")
         if target.exists():
             shutil.rmtree(target)

@@ -17,9 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from tfcap.datasets import karpathy
-from tfcap.datasets.source import Captions, Source, bad_line, load_json, need_dir
+from tfcap.datasets.source import Captions, Source, need_dir
 from tfcap.datasets.splits import VAL_OR_TEST
 from tfcap.errors import TfcapError
+from tfcap.reading import bad_line, describe, excerpt, load_json
 
 YEARS = ("2014", "2017")
 KINDS = ("train", "val")
@@ -52,13 +53,33 @@ def _load(path: Path) -> tuple[list, list]:
     return data["images"], data["annotations"]
 
 
+def _is_id(value: object) -> bool:
+    """COCO ids are integers; strings are taken too. Not true/false (true == 1 as a key), floats or containers."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _shown(image_id: int | str) -> str:
+    return str(image_id) if isinstance(image_id, int) and image_id.bit_length() < 64 else excerpt(image_id, 40)
+
+
 def _read_file(path: Path, folder: str, captions: Captions, skip_bad_lines: bool, bad: list[str]) -> list[str]:
-    """Add the captions of one annotations file; return its image ids in images[] order."""
+    """Add the captions of one annotations file; return its image ids in images[] order.
+
+    An entry of the wrong types is a bad entry, and so is an image whose id an earlier image has
+    (its annotations would belong to either).
+    """
     images, annotations = _load(path)
     names: dict[object, str] = {}
+    first: dict[object, int] = {}  # image id -> its entry in images[]
     for k, image in enumerate(images):
-        if not (isinstance(image, tuple) and image[0] == "image" and isinstance(image[2], str) and image[2].strip()):
-            bad_line(f"{path}: images[{k}]", "expected an object with id and file_name", skip_bad_lines, bad)
+        where = f"{path}: images[{k}]"
+        if not (isinstance(image, tuple) and image[0] == "image" and _is_id(image[1]) and isinstance(image[2], str)
+                and image[2].strip()):
+            bad_line(where, "expected an object with an integer id and a file_name", skip_bad_lines, bad)
+            continue
+        if first.setdefault(image[1], k) != k:
+            bad_line(where, f"id {_shown(image[1])} is already the id of images[{first[image[1]]}]",
+                     skip_bad_lines, bad)
             continue
         names[image[1]] = f"{folder}/{image[2].strip()}"
     for k, annotation in enumerate(annotations):
@@ -66,12 +87,18 @@ def _read_file(path: Path, folder: str, captions: Captions, skip_bad_lines: bool
             bad_line(f"{path}: annotations[{k}]", "expected an object with image_id and caption", skip_bad_lines, bad)
             continue
         _, image, number, caption = annotation
-        where = f"{path}: annotation {number}"
+        # Named by its id, as COCO's tools do, where that is an id; else by its place.
+        where = f"{path}: annotation {number}" if _is_id(number) and len(_shown(number)) <= 40 else (
+            f"{path}: annotations[{k}]")
+        if not _is_id(image):
+            bad_line(where, f"image_id must be an integer, got {describe(image)}", skip_bad_lines, bad)
+            continue
         if image not in names:
-            bad_line(where, f"image_id {image} is not in images[]", skip_bad_lines, bad)
+            bad_line(where, f"image_id {_shown(image)} is not in images[]", skip_bad_lines, bad)
             continue
         if not isinstance(caption, str) or not caption.strip():
-            bad_line(where, "empty caption", skip_bad_lines, bad)
+            bad_line(where, "empty caption" if isinstance(caption, str) else
+                     f"caption must be a string, got {describe(caption)}", skip_bad_lines, bad)
             continue
         captions.add(names[image], caption.strip())
     return list(names.values())

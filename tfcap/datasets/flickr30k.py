@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tfcap.datasets import karpathy
-from tfcap.datasets.source import Captions, Source, bad_line, first_dir, need_dir, numbered_lines
+from tfcap.datasets.source import Captions, Source, first_dir, need_dir
+from tfcap.reading import bad_line, numbered_lines
 
 RESULTS_FILE = "results.csv"
 IMAGE_DIR = "flickr30k_images"
@@ -26,7 +27,7 @@ def find(data: Path) -> Path | None:
 def read_results(path: Path, skip_bad_lines: bool) -> tuple[Captions, list[str]]:
     captions = Captions()
     bad: list[str] = []
-    for number, line in numbered_lines(path, "utf-8-sig"):
+    for number, line in numbered_lines(path):
         if not line.strip():
             continue
         fields = [field.strip() for field in line.split("|", 2)]

@@ -12,12 +12,12 @@ found next to the captions (dev becomes val).
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-from tfcap.datasets.source import Captions, Source, bad_line, first_dir, image_id, need_dir, numbered_lines
+from tfcap.datasets.source import Captions, Source, first_dir, image_id, need_dir
 from tfcap.datasets.splits import SPLITS
 from tfcap.errors import TfcapError
+from tfcap.reading import bad_line, clip, csv_file_rows, excerpt, numbered_lines, read_text
 
 OFFICIAL_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                         "test": "Flickr_8k.testImages.txt"}
@@ -31,45 +31,37 @@ def read_csv(path: Path, skip_bad_lines: bool) -> tuple[Captions, dict[str, str]
     captions = Captions()
     splits: dict[str, str] = {}
     bad: list[str] = []
-    start = 1  # line where the row being read starts: a quoted field may span lines
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = [h.strip().lower() for h in next(reader, [])]
-            image_col = next((header.index(c) for c in IMAGE_COLUMNS if c in header), None)
-            if image_col is None or "caption" not in header:
-                raise TfcapError(f"{path}:1: header must name an image column ({'/'.join(IMAGE_COLUMNS)}) "
-                                 f"and a caption column, got {','.join(header) or 'nothing'}")
-            caption_col = header.index("caption")
-            split_col = header.index("split") if "split" in header else None
-            start = reader.line_num + 1
-            for row in reader:
-                where, start = f"{path}:{start}", reader.line_num + 1
-                if not any(cell.strip() for cell in row):
-                    continue
-                if any("\n" in cell or "\r" in cell for cell in row):  # no caption spans lines
-                    bad_line(where, f"unclosed quote: the field runs on to line {reader.line_num}",
-                             skip_bad_lines, bad)
-                    continue
-                if len(row) != len(header):
-                    bad_line(where, f"expected {len(header)} fields, got {len(row)}", skip_bad_lines, bad)
-                    continue
-                image, caption = row[image_col].strip(), row[caption_col].strip()
-                if not image or not caption:
-                    bad_line(where, "empty image or caption", skip_bad_lines, bad)
-                    continue
-                if split_col is not None:
-                    split = row[split_col].strip().lower().replace("dev", "val")
-                    if split not in SPLITS:
-                        bad_line(where, f"split must be one of {', '.join(SPLITS)}, got {split!r}",
-                                 skip_bad_lines, bad)
-                        continue
-                    splits[image_id(image)] = split
-                captions.add(image, caption)
-    except UnicodeDecodeError as e:
-        raise TfcapError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except csv.Error as e:
-        raise TfcapError(f"{path}:{start}: malformed CSV: {e}") from None
+    rows = csv_file_rows(path)
+    _, _, header = next(rows, (1, 1, []))
+    header = [h.strip().lower() for h in header]
+    image_col = next((header.index(c) for c in IMAGE_COLUMNS if c in header), None)
+    if image_col is None or "caption" not in header:
+        raise TfcapError(f"{path}:1: header must name an image column ({'/'.join(IMAGE_COLUMNS)}) "
+                         f"and a caption column, got {clip(','.join(header)) or 'nothing'}")
+    caption_col = header.index("caption")
+    split_col = header.index("split") if "split" in header else None
+    for start, end, row in rows:
+        where = f"{path}:{start}"
+        if not any(cell.strip() for cell in row):
+            continue
+        if any("\n" in cell or "\r" in cell for cell in row):  # no caption spans lines
+            bad_line(where, f"unclosed quote: the field runs on to line {end}", skip_bad_lines, bad)
+            continue
+        if len(row) != len(header):
+            bad_line(where, f"expected {len(header)} fields, got {len(row)}", skip_bad_lines, bad)
+            continue
+        image, caption = row[image_col].strip(), row[caption_col].strip()
+        if not image or not caption:
+            bad_line(where, "empty image or caption", skip_bad_lines, bad)
+            continue
+        if split_col is not None:
+            split = row[split_col].strip().lower().replace("dev", "val")
+            if split not in SPLITS:
+                bad_line(where, f"split must be one of {', '.join(SPLITS)}, got {excerpt(split, 40)}",
+                         skip_bad_lines, bad)
+                continue
+            splits[image_id(image)] = split
+        captions.add(image, caption)
     return captions, splits, bad
 
 
@@ -94,7 +86,7 @@ def _read_official_splits(folder: Path) -> dict[str, str] | None:
         return None
     splits: dict[str, str] = {}
     for split, f in files.items():
-        for name in f.read_text(encoding="utf-8").split():
+        for name in read_text(f).split():
             splits.setdefault(image_id(name), split)
     return splits
 
@@ -140,3 +132,35 @@ def read_original(text_dir: Path, images_dir: Path | None, skip_bad_lines: bool)
     official = find_official_splits(text_dir)
     return Source("original", text_dir / TOKEN_FILE, need_dir(images_dir, "images folder"), captions,
                   official or {}, "official" if official else "hash", bad)
+
+
+EXPERT_FILE = "ExpertAnnotations.txt"
+
+
+def read_expert_judgments(data: Path, *, keep_own: bool = False) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Flickr8k-Expert (Hodosh et al. 2013): (image, caption, the three experts' judgments 1-4) of
+    each judged pair, from ExpertAnnotations.txt and Flickr8k.token.txt in DATA or DATA/Flickr8k_text/.
+
+    Without `keep_own`, pairs whose caption is one of the image's own are left out, as the
+    reference-free metric literature does (CLIPScore: 5,664 of the 5,822 pairs remain).
+    """
+    folders = [d for d in token_dirs(Path(data)) if (d / EXPERT_FILE).is_file()]
+    if not folders:
+        raise TfcapError(f"{data}: no {EXPERT_FILE} beside a {TOKEN_FILE} (in it or in its Flickr8k_text/)")
+    folder = folders[0]
+    captions = {}
+    for number, line in numbered_lines(folder / TOKEN_FILE):
+        key, tab, caption = line.partition("\t")
+        if tab:
+            captions[key.strip()] = caption.strip()
+    pairs = []
+    for number, line in numbered_lines(folder / EXPERT_FILE):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) != 5 or fields[1] not in captions or not all(f.strip() in ("1", "2", "3", "4") for f in fields[2:]):
+            raise TfcapError(f"{folder / EXPERT_FILE}:{number}: expected IMAGE<TAB>IMAGE#N<TAB>three judgments 1-4")
+        image, caption_id = fields[0].strip(), fields[1]
+        if keep_own or caption_id.rpartition("#")[0] != image:
+            pairs.append((image, captions[caption_id], tuple(int(f) for f in fields[2:])))
+    return pairs

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tfcap.datasets.source import Captions, Source, bad_line, image_id, load_json, need_dir
+from tfcap.datasets.source import Captions, Source, image_id, need_dir
 from tfcap.errors import TfcapError
+from tfcap.reading import bad_line, describe, excerpt, load_json
 
 KARPATHY_SPLITS = {"train": "train", "val": "val", "test": "test", "restval": "train"}
 IMAGE_DIRS = ("Images", "images", "flickr30k_images/flickr30k_images", "flickr30k_images", "Flicker8k_Dataset",
@@ -55,7 +56,12 @@ def _load(path: Path) -> list:
 
 
 def _entries(path: Path, skip_bad_lines: bool, bad: list[str]):
-    """(image name relative to the images folder, Karpathy split, sentences) of each valid entry."""
+    """(where, image name relative to the images folder, Karpathy split, sentences) of each valid entry.
+
+    An entry of the wrong types, or naming an image an earlier entry named, is a bad entry: its
+    split and captions would be ambiguous.
+    """
+    first: dict[str, str] = {}  # image id -> the entry that named it first
     for k, entry in enumerate(_load(path)):
         where = f"{path}: images[{k}]"
         if not isinstance(entry, _Image):
@@ -65,10 +71,16 @@ def _entries(path: Path, skip_bad_lines: bool, bad: list[str]):
         if not isinstance(filename, str) or not filename.strip() or not isinstance(filepath, str):
             bad_line(where, "filename (and filepath) must be non-empty strings", skip_bad_lines, bad)
             continue
-        if split not in KARPATHY_SPLITS:
-            bad_line(where, f"split must be one of {', '.join(KARPATHY_SPLITS)}, got {split!r}", skip_bad_lines, bad)
+        if not isinstance(split, str) or split not in KARPATHY_SPLITS:
+            bad_line(where, f"split must be one of {', '.join(KARPATHY_SPLITS)}, got {describe(split)}",
+                     skip_bad_lines, bad)
             continue
         name = f"{filepath.strip()}/{filename.strip()}" if filepath.strip() else filename.strip()
+        earlier = first.setdefault(image_id(name), f"images[{k}]")
+        if earlier != f"images[{k}]":
+            bad_line(where, f"image {excerpt(name, 40)} is already listed at {earlier}",
+                     skip_bad_lines, bad)
+            continue
         yield where, name, split, sentences
 
 

@@ -8,11 +8,10 @@ record. Its captions are merged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import posixpath
 import unicodedata
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from tfcap.errors import TfcapError
@@ -136,14 +135,6 @@ class Source:
         return found
 
 
-def bad_line(where: str, reason: str, skip: bool, bad: list[str]) -> None:
-    """A line (or entry) that cannot be read: an error naming it, or listed in `bad` with `skip`."""
-    message = f"{where}: {reason}"
-    if not skip:
-        raise TfcapError(f"{message} (pass --skip-bad-lines to skip such lines)")
-    bad.append(message)
-
-
 def need_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise TfcapError(f"{what} {path} is not a directory")
@@ -156,25 +147,3 @@ def first_dir(candidates: list[Path], what: str, hint: str) -> Path:
     if found is None:
         raise TfcapError(f"no {what} ({', '.join(str(c) for c in candidates)}); {hint}")
     return found
-
-
-def numbered_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
-    """(line number from 1, line without its end) of a text file; an error naming it if not `encoding`."""
-    try:
-        with open(path, encoding=encoding) as f:
-            for number, line in enumerate(f, start=1):
-                yield number, line.rstrip("\r\n")
-    except UnicodeDecodeError as e:
-        raise TfcapError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-
-
-def load_json(path: Path, reduce: Callable[[dict], object]) -> object:
-    """A JSON file parsed with `reduce` as object hook (to shrink each object as it is read); errors name the
-    file and line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f, object_hook=reduce)
-    except UnicodeDecodeError as e:
-        raise TfcapError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise TfcapError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None

@@ -57,7 +57,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from tfcap import caption, export, images, pretrained
+from tfcap import caption, export, images, names, pretrained, rows
 from tfcap.errors import Interrupted, TfcapError
 from tfcap.outputs import Output
 from tfcap.progress import Stopwatch, summary
@@ -75,25 +75,28 @@ def is_local_runner(runner: str) -> bool:
 
 
 class ImageCaptionHandler(ModelHandler):
-    """RunInference's view of a tfcap SavedModel: image bytes in, (caption, score, error) out.
+    """RunInference's view of a tfcap SavedModel: image bytes in, a row's values out.
 
     Examples are the bytes of one image file each (`bytes`); a batch of them is captioned by one
     `caption.BytesCaptioner` call (decode, check, preprocess, encode and beam search as tf graphs).
-    Each inference is a tuple (caption str, score float or None, error str): an image that does not
-    decode is an error, not an exception, so a batch never fails for a bad file.
+    Each inference is the row but its path ({column: value}, `tfcap.rows`: caption, score, labels,
+    ..., error): an image that does not decode is an error, not an exception, so a batch never fails
+    for a bad file. labels: ImageNet labels per row, at most the SavedModel's (None: all it has).
 
     The handler itself holds only the model's location and settings, so it pickles to workers of
     any runner; the model is loaded by each worker (`load_model`, once per process: RunInference
     shares it between threads).
     """
 
-    def __init__(self, model: str, *, max_pixels: int = images.DEFAULT_MAX_PIXELS, batch_size: int = 32):
+    def __init__(self, model: str, *, max_pixels: int = images.DEFAULT_MAX_PIXELS, batch_size: int = 32,
+                 labels: int | None = None, min_confidence: float | None = None):
         # Fixed batches (min = max) like the local engine's; a bundle's last batch is smaller.
         super().__init__(min_batch_size=batch_size, max_batch_size=batch_size)
-        self.model, self.max_pixels = str(model), max_pixels
+        self.model, self.max_pixels, self.labels, self.min_confidence = str(model), max_pixels, labels, min_confidence
 
     def load_model(self) -> caption.BytesCaptioner:
-        return caption.BytesCaptioner(export.load_predictor(self.model), self.max_pixels)
+        return caption.BytesCaptioner(export.load_predictor(self.model, labels=self.labels), self.max_pixels,
+                                      self.min_confidence)
 
     def run_inference(self, batch: Sequence[bytes], model: caption.BytesCaptioner,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
@@ -110,8 +113,9 @@ class ImageCaptionHandler(ModelHandler):
 
 
 def _relative(path: str, root: str) -> str:
-    """A matched file's path as the local engine writes it: relative to the images folder, with '/'."""
-    return path[len(root) + 1:] if path.startswith(root + "/") else path
+    """A matched file's path as the local engine writes it: relative to the images folder, with '/', a
+    name that is not UTF-8 spelled as `names.to_text` does (Beam's coders take no surrogate escapes)."""
+    return names.to_text(path[len(root) + 1:] if path.startswith(root + "/") else path)
 
 
 class _ReadBytes(beam.DoFn):
@@ -127,24 +131,20 @@ class _ReadBytes(beam.DoFn):
         try:
             data = readable.read()
         except OSError as e:  # deleted since the match, permissions, a folder: the local engine's words
-            yield beam.pvalue.TaggedOutput(FAILED, _row(path, "", None, images.open_error(e)))
+            yield beam.pvalue.TaggedOutput(FAILED, {"path": path, **rows.failed(images.open_error(e))})
             return
         beam.metrics.Metrics.distribution(METRICS, "read_micros").update(int(clock.seconds * 1e6))
         yield path, data
 
 
-def _row(path: str, caption_text: str, score: float | None, error: str) -> dict:
-    return {"path": path, "caption": caption_text, "score": score, "error": error}
-
-
 def _captioned_row(keyed: tuple[str, PredictionResult]) -> dict:
     path, result = keyed
-    return _row(path, *result.inference)
+    return {"path": path, **result.inference}
 
 
 def _line(row: dict, fmt: str) -> str:
     """One row as caption-dir writes it (CSV or JSON Lines), without its newline: WriteToText adds it."""
-    return caption.format_rows([row], fmt)[:-1]
+    return rows.format_rows([row], fmt)[:-1]
 
 
 def _is_candidate(metadata) -> bool:
@@ -152,10 +152,11 @@ def _is_candidate(metadata) -> bool:
 
 
 def add_caption_dir(pipeline: beam.Pipeline, images_dir: str, prefix: str, model: str,
-                    config: caption.CaptionConfig, fmt: str) -> None:
+                    config: caption.CaptionConfig, fmt: str, labels: int | None = None) -> None:
     """Add caption-dir's transforms to `pipeline`: every image under `images_dir` (a local folder or
     a URL) captioned with the SavedModel at `model`, rows written as `prefix`-SSSSS-of-NNNNN.csv
-    (or .jsonl), each CSV shard with the header `path,caption,score,error`."""
+    (or .jsonl), each CSV shard with the header `rows.COLUMNS` (path,caption,score,confidence,in_domain,typicality,labels,error).
+    labels: per row, at most the SavedModel's (None: all it has)."""
     root = images_dir.rstrip("/")
     read = (pipeline
             | "Match" >> fileio.MatchFiles(f"{root}/**" if config.recursive else f"{root}/*",
@@ -166,12 +167,13 @@ def add_caption_dir(pipeline: beam.Pipeline, images_dir: str, prefix: str, model
             | "Open" >> fileio.ReadMatches(compression=CompressionTypes.UNCOMPRESSED)
             | "Read" >> beam.ParDo(_ReadBytes(root)).with_outputs(FAILED, main="images"))
     handler = KeyedModelHandler(ImageCaptionHandler(model, max_pixels=config.max_pixels,
-                                                    batch_size=config.batch_size))
+                                                    batch_size=config.batch_size, labels=labels,
+                                                    min_confidence=config.min_confidence))
     captioned = read.images | "Caption" >> RunInference(handler) | "Rows" >> beam.Map(_captioned_row)
     (((captioned, read[FAILED]) | "AllRows" >> beam.Flatten())
      | "Format" >> beam.Map(_line, fmt)
      | "Write" >> beam.io.WriteToText(prefix, file_name_suffix=f".{fmt}", shard_name_template="-SSSSS-of-NNNNN",
-                                      header=",".join(caption.COLUMNS) if fmt == "csv" else None))
+                                      header=",".join(rows.COLUMNS) if fmt == "csv" else None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,21 +211,23 @@ def _is_run_directory(model) -> bool:
     return True
 
 
-def _prepare_model(model, beam_size, length_penalty, precision, scratch: Path) -> tuple[str, float]:
+def _prepare_model(model, options: dict, scratch: Path) -> tuple[str, float]:
     """The SavedModel location the workers load, and the seconds spent exporting it (0 if none).
 
-    A run directory is exported into `scratch` with the decoding the local engine would use; a
-    SavedModel given with decoding options is loaded here once, so a mismatch is one line now and
-    not an exception in every worker later.
+    options: `export.load_predictor`'s keyword arguments (beam_size, length_penalty, no_repeat_ngram,
+    labels, precision), None where not given. A run directory is exported into `scratch` with the
+    decoding and labels the local engine would use; a SavedModel given with any of them is loaded here
+    once, so a mismatch is one line now and not an exception in every worker later.
     """
     if not _is_run_directory(model):
-        if beam_size is not None or length_penalty is not None or precision is not None:
-            export.load_predictor(model, beam_size=beam_size, length_penalty=length_penalty, precision=precision)
+        if any(value is not None for value in options.values()):
+            export.load_predictor(model, **options)
         return str(model), 0.0
     clock = Stopwatch()
-    beam_size, length_penalty = export.run_decoding(model, beam_size, length_penalty)  # as the local engine
-    location = export.export(model, scratch / "model", beam_size=beam_size, length_penalty=length_penalty,
-                             precision=precision)
+    decoding = export.run_decoding(model, options["beam_size"], options["length_penalty"],
+                                   options["no_repeat_ngram"])  # as the local engine
+    location = export.export(model, scratch / "model", **dataclasses.asdict(decoding), labels=options["labels"],
+                             precision=options["precision"])
     return str(location), clock.seconds
 
 
@@ -262,9 +266,9 @@ def _count_rows(out: str, fmt: str) -> tuple[int, int, int]:
     ok = failed = 0
     for path in paths:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            rows = caption.parse_rows(f.read().decode("utf-8"), fmt)
-        failed += sum(1 for r in rows if r["error"])
-        ok += sum(1 for r in rows if not r["error"])
+            found = caption.parse_rows(f.read().decode("utf-8"), fmt)
+        failed += sum(1 for r in found if rows.is_failure(r))
+        ok += sum(1 for r in found if not rows.is_failure(r))
     return ok, failed, len(paths)
 
 
@@ -357,12 +361,13 @@ def _ended_with_the_pipeline(interrupted: threading.Event) -> Iterator[None]:
 def caption_directory(images_dir, out, model, config: caption.CaptionConfig = caption.CaptionConfig(),
                       beam_config: BeamConfig = BeamConfig(), *, fmt: str | None = None, overwrite: bool = False,
                       beam_size: int | None = None, length_penalty: float | None = None,
+                      no_repeat_ngram: int | None = None, labels: int | None = None,
                       precision: str | None = None) -> dict:
     """Caption every image under `images_dir` into the shards `out`/part-SSSSS-of-NNNNN.csv with one
     Beam pipeline; return counts and timing.
 
     `images_dir`, `out`: local folders (Path or str) or URLs (str, e.g. gs://bucket/photos).
-    `model`: a run directory or SavedModel (local or URL). Decoding options as for
+    `model`: a run directory or SavedModel (local or URL). Decoding options and labels as for
     `export.load_predictor`. `fmt` (csv, jsonl) defaults to the suffix of `out` (`caption.output_format`).
 
     Returns {"images", "ok", "failed", "parts", "seconds", "export_seconds", "run_seconds",
@@ -390,7 +395,9 @@ def caption_directory(images_dir, out, model, config: caption.CaptionConfig = ca
             output = Output(Path(out), overwrite=overwrite, inputs={
                 "images folder": None if export.is_url(images_dir) else Path(images_dir),
                 "model": None if export.is_url(model) else Path(model)})
-        location, export_seconds = _prepare_model(model, beam_size, length_penalty, precision, scratch)
+        location, export_seconds = _prepare_model(model, {"beam_size": beam_size, "length_penalty": length_penalty,
+                                                          "no_repeat_ngram": no_repeat_ngram, "labels": labels,
+                                                          "precision": precision}, scratch)
         local_root = str(images_dir) if export.is_url(images_dir) else str(Path(images_dir).resolve())
 
         def run(target: str) -> None:
@@ -400,7 +407,7 @@ def caption_directory(images_dir, out, model, config: caption.CaptionConfig = ca
             try:
                 with _quiet(beam_config.verbose), _ended_with_the_pipeline(interrupted):
                     pipeline = beam.Pipeline(options=options)  # an unknown or uninstalled runner fails here
-                    add_caption_dir(pipeline, local_root, f"{target.rstrip('/')}/part", location, config, fmt)
+                    add_caption_dir(pipeline, local_root, f"{target.rstrip('/')}/part", location, config, fmt, labels)
                     result = pipeline.run()
                     result.wait_until_finish()
             except (TfcapError, KeyboardInterrupt):

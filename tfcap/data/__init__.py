@@ -1,0 +1,1 @@
+"""Data files shipped with tfcap (each says where it comes from)."""
