@@ -579,12 +579,13 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
 def score_command(pairs, out, images_dir, model_path, precision, batch_size, max_pixels, overwrite, quiet):
     """The confidence of given image-caption pairs: PAIRS is a CSV (or JSON Lines) with an image column
     (path, image, file or filename) and a caption column."""
-    from tfcap import export, outputs, scoring
+    from tfcap import export, scoring
 
-    outputs.check_output(out, overwrite, {"pairs file": pairs, "images folder": images_dir, "model": model_path})
+    output = _claim(out, overwrite=overwrite, inputs={"pairs file": pairs, "images folder": images_dir,
+                                                      "model": model_path})
     scoring.read_pairs(pairs)  # a wrong file fails before the model loads
     predictor = export.load_predictor(model_path, precision=precision)
-    scoring.score_pairs(predictor, pairs, out, images_dir=images_dir, batch_size=batch_size, max_pixels=max_pixels,
+    scoring.score_pairs(predictor, pairs, output, images_dir=images_dir, batch_size=batch_size, max_pixels=max_pixels,
                         overwrite=overwrite, show_progress=not quiet)
 
 
@@ -603,7 +604,7 @@ def fit_confidence_command(run_dir, records_dir, epochs, cache_dir, overwrite, q
 
     model.read_run_config(run_dir)
     outputs.refuse_existing(run_dir / confidence.CONFIG, overwrite)
-    outputs.check_writable(run_dir, replace=False)
+    _claim(run_dir, append=True)  # no train or second fit into it meanwhile
     confidence.fit(run_dir, records_dir, dataclasses.replace(confidence.ConfidenceConfig(), epochs=epochs),
                    cache_dir=cache_dir, show_progress=not quiet)
 

@@ -31,6 +31,7 @@ distances, the average training features).
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -41,6 +42,7 @@ import tensorflow as tf
 
 from tfcap import text
 from tfcap.errors import TfcapError
+from tfcap.outputs import write_files_atomic
 
 CONFIG = "confidence.json"
 WEIGHTS = "confidence.h5"
@@ -218,23 +220,23 @@ def build_matcher(vocab_size: int, config: ConfidenceConfig, feature_dim: int) -
 
 def save(run_dir: Path, matcher: Matcher, config: ConfidenceConfig, coefficients: np.ndarray, bank: np.ndarray,
          val_distances: np.ndarray, prior: dict[str, np.ndarray], report: dict) -> None:
-    """confidence.h5 then confidence.json (the marker that the fit is complete), each atomically.
+    """confidence.h5 and confidence.json (the marker that the fit is complete), made in memory and
+    written with checked writes under names private to this process, confidence.json renamed last
+    (`outputs.write_files_atomic`): h5py writing a file itself crashes the interpreter on a full disk.
     Arrays are stored in float16 but the validation distances: a wheel carries the bundled model's."""
     run_dir = Path(run_dir)
-    scratch = run_dir / f".{WEIGHTS}.partial"
-    with h5py.File(scratch, "w") as f:
+    weights = io.BytesIO()
+    with h5py.File(weights, "w") as f:
         for k, variable in enumerate(matcher.weights):  # by position: Keras numbers its GRU cells per process
             f.create_dataset(f"matcher/{k:03d}", data=variable.numpy().astype(np.float16))  # half the bytes
         f.create_dataset("bank", data=bank.astype(np.float16))
         f.create_dataset("val_distances", data=val_distances.astype(np.float32))
         for key, value in prior.items():
             f.create_dataset(f"prior/{key}", data=value.astype(np.float32))
-    scratch.replace(run_dir / WEIGHTS)
     payload = {"config": dataclasses.asdict(config), "features": list(FEATURES),
                "coefficients": [float(c) for c in coefficients], **report}
-    partial = run_dir / f".{CONFIG}.partial"
-    partial.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    partial.replace(run_dir / CONFIG)
+    write_files_atomic({run_dir / WEIGHTS: weights.getvalue(),
+                        run_dir / CONFIG: (json.dumps(payload, indent=2) + "\n").encode()})
 
 
 def load(run_dir: Path, decoder, vocab_size: int, feature_dim: int) -> Assessor | None:

@@ -18,7 +18,7 @@ import tensorflow as tf
 from tfcap import datasets, metrics, records
 from tfcap import predictions as prediction_files
 from tfcap.errors import TfcapError
-from tfcap.outputs import Output, claimed
+from tfcap.outputs import Output, claimed, write_text_atomic
 from tfcap.progress import Stopwatch, progress_bar
 from tfcap.reading import clip, excerpt
 
@@ -203,9 +203,9 @@ def write_results(out: Path | Output, result: Evaluation, overwrite: bool = Fals
                    "without_references": result.without_references, "without_prediction": result.without_prediction,
                    "failed": result.failed, "repeated_predictions": result.repeated_predictions,
                    "settings": result.settings}
-        (scratch / "scores.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(scratch / "scores.json", json.dumps(payload, indent=2) + "\n")
         coco = [{"image_id": i, "caption": c} for i, c in sorted(result.hypotheses.items())]
-        (scratch / "captions_coco.json").write_text(json.dumps(coco, indent=1) + "\n", encoding="utf-8")
+        write_text_atomic(scratch / "captions_coco.json", json.dumps(coco, indent=1) + "\n")
     return output.path
 
 

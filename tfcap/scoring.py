@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from tfcap import caption
 from tfcap.errors import Interrupted, TfcapError
-from tfcap.outputs import OutputLock, check_output, write_text_atomic
+from tfcap.outputs import Output, claimed
 from tfcap.progress import Stopwatch, progress_bar, summary
 from tfcap.reading import csv_rows, describe, excerpt, parse_json, read_text
 
@@ -82,14 +82,15 @@ def format_rows(rows: list[dict], fields: list[str], fmt: str) -> str:
     return buffer.getvalue()
 
 
-def score_pairs(predictor, pairs_file: Path, out: Path, *, images_dir: Path | None = None, batch_size: int = 32,
+def score_pairs(predictor, pairs_file: Path, out: Path | Output, *, images_dir: Path | None = None, batch_size: int = 32,
                 max_pixels: int | None = None, overwrite: bool = False, show_progress: bool = True) -> dict:
     """Score every pair of `pairs_file` with `predictor` (export.Predictor) into `out`; return counts.
 
     The output has the input's fields, then `ADDED`; its format follows `out`'s suffix (CSV unless
-    .jsonl, .ndjson, .json), the input's when `out` has none of these.
+    .jsonl, .ndjson, .json), the input's when `out` has none of these. `out` may be an `outputs.Output`
+    the caller claimed; it is written whole when every pair is scored.
     """
-    pairs_file, out = Path(pairs_file), Path(out)
+    pairs_file, target, out = Path(pairs_file), out, Path(out)
     rows, fields, in_fmt = read_pairs(pairs_file)
     suffix = out.suffix.lower()
     fmt = caption.output_format(out) if suffix in (".csv", *caption.JSONL_SUFFIXES) else in_fmt
@@ -116,39 +117,37 @@ def score_pairs(predictor, pairs_file: Path, out: Path, *, images_dir: Path | No
         captions_of[owner[k]].append(int(k))
 
     clock, done = Stopwatch(), np.zeros(len(images), bool)
-    lock = OutputLock(out)
-    try:
-        check_output(out, overwrite, {"pairs file": pairs_file, "images folder": images_dir})
-        full = [str((root / name).resolve()) if not Path(name).is_absolute() else name for name in images]
-        with progress_bar(len(rows), "scoring", show_progress and bool(rows)) as advance:
-            for indices, features in caption.feature_batches(Path("/"), full, predictor, config):
-                indices = indices.numpy()
-                members = [k for i in indices for k in captions_of[i]]
-                positions = np.concatenate([[j] * len(captions_of[i]) for j, i in enumerate(indices)]).astype(np.int32)
-                texts = tf.constant([_text(rows[k]["caption"]) for k in members], tf.string, shape=[len(members)])
-                picked = {key: tf.gather(value, positions) for key, value in features.items()}
-                assessed = {key: value.numpy() for key, value in predictor.assess(picked, texts).items()}
-                for j, k in enumerate(members):
-                    results[k] = {key: value[j].item() for key, value in assessed.items()}
-                done[indices] = True
-                advance(len(members))
-            for i in np.flatnonzero(~done):
-                reason = caption.diagnose(Path(full[i]), config.max_pixels)
-                for k in captions_of[i]:
-                    results[k] = {"error": reason}
-            advance(int((owner < 0).sum()) + sum(len(captions_of[i]) for i in np.flatnonzero(~done)))
-        scored = [{**row, **{key: results[k].get(key) for key in ADDED}} for k, row in enumerate(rows)]
-        for row in scored:
-            row["error"] = row["error"] or ""
-            for key in ("score", "confidence", "typicality"):
-                if isinstance(row[key], float):
-                    row[key] = round(row[key], 4) if fmt == "jsonl" else row[key]
-        all_fields = [f for f in fields if f not in ADDED] + list(ADDED)
-        write_text_atomic(out, format_rows(scored, all_fields, fmt))
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted: nothing written to {out}") from None
-    finally:
-        lock.release()
+    inputs = {"pairs file": pairs_file, "images folder": images_dir}
+    with claimed(target, overwrite=overwrite, inputs=inputs) as output:
+        try:
+            full = [str((root / name).resolve()) if not Path(name).is_absolute() else name for name in images]
+            with progress_bar(len(rows), "scoring", show_progress and bool(rows)) as advance:
+                for indices, features in caption.feature_batches(Path("/"), full, predictor, config):
+                    indices = indices.numpy()
+                    members = [k for i in indices for k in captions_of[i]]
+                    positions = np.concatenate([[j] * len(captions_of[i]) for j, i in enumerate(indices)]).astype(np.int32)
+                    texts = tf.constant([_text(rows[k]["caption"]) for k in members], tf.string, shape=[len(members)])
+                    picked = {key: tf.gather(value, positions) for key, value in features.items()}
+                    assessed = {key: value.numpy() for key, value in predictor.assess(picked, texts).items()}
+                    for j, k in enumerate(members):
+                        results[k] = {key: value[j].item() for key, value in assessed.items()}
+                    done[indices] = True
+                    advance(len(members))
+                for i in np.flatnonzero(~done):
+                    reason = caption.diagnose(Path(full[i]), config.max_pixels)
+                    for k in captions_of[i]:
+                        results[k] = {"error": reason}
+                advance(int((owner < 0).sum()) + sum(len(captions_of[i]) for i in np.flatnonzero(~done)))
+            scored = [{**row, **{key: results[k].get(key) for key in ADDED}} for k, row in enumerate(rows)]
+            for row in scored:
+                row["error"] = row["error"] or ""
+                for key in ("score", "confidence", "typicality"):
+                    if isinstance(row[key], float):
+                        row[key] = round(row[key], 4) if fmt == "jsonl" else row[key]
+            all_fields = [f for f in fields if f not in ADDED] + list(ADDED)
+            output.write_text(format_rows(scored, all_fields, fmt))
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: nothing written to {out}") from None
     failed = sum(1 for row in scored if row["error"])
     summary(f"score: {len(rows)} pairs ({len(rows) - failed} scored, {failed} failed) of {len(images)} images "
             f"in {clock.seconds:.1f} s, {len(rows) / max(clock.seconds, 1e-9):.1f} pairs/s -> {out}")
