@@ -356,7 +356,10 @@ def test_no_repeat_ngram_from_decoding_json_the_options_and_a_savedmodel(tiny_ru
     assert result.exit_code == 0, result.output
     assert "no repeated 3-grams, 0 labels" in result.stderr  # a random-init MobileNet has no classifier
     assert export.load_predictor(saved, no_repeat_ngram=3).settings["no_repeat_ngram"] == 3
-    for command in (["caption-dir", str(tmp_path), "-o", str(tmp_path / "x.csv"), "--model", str(saved)],
+    photos = tmp_path / "photos"  # an image to caption: a folder without one is done before the model loads
+    photos.mkdir()
+    Image.new("RGB", (8, 8)).save(photos / "a.png")
+    for command in (["caption-dir", str(photos), "-o", str(tmp_path / "x.csv"), "--model", str(saved)],
                     ["evaluate", "--model", str(saved), str(tiny_records), "--split", "val", "--no-meteor",
                      "-o", str(tmp_path / "e")]):
         refused = CliRunner().invoke(main, [*command, "--no-repeat-ngram", "2"])

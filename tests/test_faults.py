@@ -13,7 +13,12 @@ For each of build-records, train, export, caption-dir (local and Beam engines), 
 Each case asserts the exit code, one `Error:` line and no traceback, in click's output and on file
 descriptor 2 (what a library logs or a worker process prints goes there). Commands run in process
 (click's CliRunner) on the session's tiny world of tests/test_edges.py, except where the process itself
-is the subject: a crash (exit 139), SIGTERM, Beam's worker processes.
+is the subject (SIGTERM while a cluster forms).
+
+Left out for time: a real full tmpfs under `train` in a process of its own (h5py's crash at exit, 139,
+is gone because weights are made in memory: `test_train_on_a_full_disk_is_one_line`), a multi-process
+Beam pipeline interrupted (its context managers are tested in process), and train interrupted at a
+random step (tests/test_train.py resumes interrupted runs to the same state).
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from pathlib import Path
 import pytest
 import tensorflow as tf
 
-from test_edges import invoke, ok, one_error, world  # noqa: F401  (session fixture)
+from conftest import built_once, invoke, ok
+from test_edges import one_error
 from tfcap import caption, cli, distribute, export, records, train
 from tfcap.errors import TfcapError
 from tfcap.outputs import OutputLock
@@ -65,15 +71,13 @@ def one_line(result, capfd, *names, code=2) -> str:
 # ---------------------------------------------------------------------------------------------
 # Shared: a SavedModel of the world's run, a bigger folder, the disks
 
-@pytest.fixture(scope="module")
-def savedmodel(world, tmp_path_factory) -> Path:  # noqa: F811
-    out = tmp_path_factory.mktemp("sm") / "savedmodel"
-    ok("export", world.run, "-o", out)
-    return out
+@pytest.fixture(scope="session")
+def savedmodel(world, tmp_path_factory) -> Path:
+    return built_once(tmp_path_factory, "faults-savedmodel", lambda root: ok("export", world.run, "-o", root / "sm")) / "sm"
 
 
 @pytest.fixture(scope="module")
-def many(world, tmp_path_factory) -> Path:  # noqa: F811
+def many(world, tmp_path_factory) -> Path:
     """120 images (the world's six, again and again): a caption-dir CSV of more than one 4 KiB page."""
     folder = tmp_path_factory.mktemp("many") / "photos"
     folder.mkdir()
@@ -144,7 +148,7 @@ def assert_whole_rows(path: Path, reference: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # (a) A full disk
 
-def test_caption_dir_on_a_full_disk_stops_in_one_line_with_whole_rows_and_resumes(world, tmp_path, monkeypatch,  # noqa: F811
+def test_caption_dir_on_a_full_disk_stops_in_one_line_with_whole_rows_and_resumes(world, tmp_path, monkeypatch,
                                                                                   capfd):
     """A disk that fills in the middle of the last batch: exit 2 (not 0 with a cut row, as when
     os.write's short count was ignored), whole rows only, and --resume completes it once there is room."""
@@ -163,7 +167,7 @@ def test_caption_dir_on_a_full_disk_stops_in_one_line_with_whole_rows_and_resume
     assert out.read_bytes() == world.csv.read_bytes()
 
 
-def test_caption_dir_on_a_real_full_tmpfs(world, many, tmpfs, tmp_path, capfd):  # noqa: F811
+def test_caption_dir_on_a_real_full_tmpfs(world, many, tmpfs, tmp_path, capfd):
     """Three free 4 KiB pages, one each for the lock file, the recorded settings and the CSV: the CSV
     stops at a page boundary inside a row, as the issue saw (4,096 bytes); no cut row stays."""
     reference = tmp_path / "reference.csv"
@@ -179,7 +183,7 @@ def test_caption_dir_on_a_real_full_tmpfs(world, many, tmpfs, tmp_path, capfd): 
 
 
 @pytest.mark.parametrize("fills_at", ["encoder.weights.h5", "best.weights.h5"])
-def test_train_on_a_full_disk_is_one_line(world, tmp_path, monkeypatch, capfd, fills_at):  # noqa: F811
+def test_train_on_a_full_disk_is_one_line(world, tmp_path, monkeypatch, capfd, fills_at):
     """The weights are made in memory and written with checked writes: the disk fills under tfcap's own write."""
     encoder_bytes = (world.run / "encoder.weights.h5").stat().st_size
     SmallDisk(tmp_path / "disk", 200 if fills_at == "encoder.weights.h5" else encoder_bytes + 4000, monkeypatch)
@@ -189,46 +193,30 @@ def test_train_on_a_full_disk_is_one_line(world, tmp_path, monkeypatch, capfd, f
     assert not [p for p in listing(run) if ".tfcap-" in p]  # no scratch file left
 
 
-def test_train_on_a_real_full_tmpfs_ends_in_one_line_not_a_crash(world, tmpfs, tmp_path):  # noqa: F811
-    """In a process of its own: h5py writing a weights file onto a full disk crashed the interpreter at
-    exit (exit 139) after pages of `Exception ignored` tracebacks."""
-    encoder_bytes = (world.run / "encoder.weights.h5").stat().st_size
-    run = tmpfs(encoder_bytes // 2) / "run"
-    done = subprocess.run([sys.executable, "-m", "tfcap", "train", str(world.records), "-o", str(run), "--cache-dir",
-                           str(tmp_path / "cache"), "--epochs", "1", *TINY_TRAIN], capture_output=True, text=True,
-                          env=ENV, timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines() == [f"Error: {run / 'encoder.weights.h5'}: No space left on device"]
-
-
-@pytest.mark.parametrize("how", ["injected", "tmpfs"])
-@pytest.mark.parametrize("command", ["build-records", "export", "evaluate", "gallery"])
-def test_whole_outputs_on_a_full_disk_are_one_line_and_leave_nothing(world, tmp_path, monkeypatch, capfd, request,  # noqa: F811
-                                                                     command, how):
-    """Outputs written whole (a folder or a page) are written under a scratch name: a full disk leaves
-    neither OUT nor the scratch, and the error names OUT."""
-    if how == "tmpfs":
-        disk = request.getfixturevalue("tmpfs")(0)
-    else:
-        disk = tmp_path / "disk"
-        SmallDisk(disk, 0, monkeypatch)
-        if command in ("build-records", "export"):  # TensorFlow writes these: its error, at its seam
-            def full(*args, **kwargs):
-                raise tf.errors.ResourceExhaustedError(None, None, "scratch/x; No space left on device")
-            monkeypatch.setattr(records, "_write_record", full)
-            monkeypatch.setattr(tf.saved_model, "save", full)
+@pytest.mark.parametrize("command", ["build-records", "export", "evaluate", "gallery", "score"])
+def test_whole_outputs_on_a_full_disk_are_one_line_and_leave_nothing(world, tmp_path, monkeypatch, capfd, command):
+    """Outputs written whole (a folder or a file) are written under a scratch name: a full disk leaves
+    neither OUT nor the scratch, and the error names OUT (the real tmpfs: caption-dir's test above)."""
+    disk = tmp_path / "disk"
+    SmallDisk(disk, 0, monkeypatch)
+    if command in ("build-records", "export"):  # TensorFlow writes these: its error, at its seam
+        def full(*args, **kwargs):
+            raise tf.errors.ResourceExhaustedError(None, None, "scratch/x; No space left on device")
+        monkeypatch.setattr(records, "_write_record", full)
+        monkeypatch.setattr(tf.saved_model, "save", full)
     out = disk / "out"
     args = {"build-records": ["build-records", "--captions", world.captions, "--images", world.images, "-o", out,
                               "--min-count", "1", "--quiet"],
             "export": ["export", world.run, "-o", out],
             "evaluate": ["evaluate", "--predictions", world.csv, "--references", world.records, "--no-meteor",
                          "-o", out],
-            "gallery": ["gallery", world.csv, "--images", world.photos, "-o", out, "--quiet"]}[command]
+            "gallery": ["gallery", world.csv, "--images", world.photos, "-o", out, "--quiet"],
+            "score": ["score", world.csv, "--images", world.photos, "--model", world.run, "-o", out, "--quiet"]}[command]
     one_line(invoke(*args), capfd, f"{out}: No space left on device")
-    assert [p for p in listing(disk) if p != ".filler"] == []
+    assert listing(disk) == []
 
 
-def test_beam_on_a_full_disk_is_one_line(world, savedmodel, tmp_path, monkeypatch, capfd, request):  # noqa: F811
+def test_beam_on_a_full_disk_is_one_line(world, savedmodel, tmp_path, monkeypatch, capfd, request):
     """Beam's file sink fails at the end; its 16-line traceback on stderr is gone. Injected at the sink's
     local file system where no tmpfs can be mounted."""
     pytest.importorskip("apache_beam")
@@ -263,11 +251,12 @@ SECOND_WRITERS = {  # command -> (arguments with OUT, what OUT holds when it exi
     "evaluate": lambda w, sm, out: ["evaluate", "--predictions", w.csv, "--references", w.records, "--no-meteor",
                                     "-o", out, "--overwrite"],
     "gallery": lambda w, sm, out: ["gallery", w.csv, "--images", w.photos, "-o", out, "--overwrite"],
+    "score": lambda w, sm, out: ["score", w.csv, "--images", w.photos, "--model", w.run, "-o", out, "--overwrite"],
 }
 
 
 @pytest.mark.parametrize("command", list(SECOND_WRITERS))
-def test_a_second_writer_is_refused_in_one_line_and_changes_nothing(world, savedmodel, tmp_path, capfd, command):  # noqa: F811
+def test_a_second_writer_is_refused_in_one_line_and_changes_nothing(world, savedmodel, tmp_path, capfd, command):
     """The first writer holds OUT's lock for its whole run (here: this process holds it); a second one,
     even with --overwrite, stops before any work with the owner's pid, and OUT stays as it was."""
     if command == "caption-dir beam":
@@ -281,7 +270,17 @@ def test_a_second_writer_is_refused_in_one_line_and_changes_nothing(world, saved
     assert listing(tmp_path) == ["out", "out/first"]
 
 
-def test_a_second_build_records_while_the_first_writes_leaves_the_first_whole(world, tmp_path, monkeypatch):  # noqa: F811
+def test_fit_confidence_into_a_run_in_use_is_refused(world, tmp_path, capfd):
+    """fit-confidence writes into RUN_DIR: not while a train (or another fit) holds it."""
+    run = tmp_path / "run"
+    shutil.copytree(world.run, run)
+    with OutputLock(run):
+        one_line(invoke("fit-confidence", run, world.records, "--quiet"), capfd,
+                 f"{run} is in use by another tfcap process (pid {os.getpid()})")
+    assert not (run / "confidence.json").exists()
+
+
+def test_a_second_build_records_while_the_first_writes_leaves_the_first_whole(world, tmp_path, monkeypatch):
     """Started while the first writes its shards (here: from inside its writer), the second is refused
     instead of deleting the first's scratch folder; the first's shards match its manifest."""
     out, seconds = tmp_path / "rec", []
@@ -305,12 +304,12 @@ def test_a_second_build_records_while_the_first_writes_leaves_the_first_whole(wo
 # (c) Ctrl-C at a random batch, and --resume where the command resumes
 
 @pytest.fixture(scope="module")
-def predictor(world):  # noqa: F811
+def predictor(world):
     return export.load_predictor(world.run)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_caption_dir_interrupted_at_a_random_batch_resumes_to_the_same_file(world, many, predictor, tmp_path, seed):  # noqa: F811
+@pytest.mark.parametrize("seed", [1, 2])
+def test_caption_dir_interrupted_at_a_random_batch_resumes_to_the_same_file(world, many, predictor, tmp_path, seed):
     config = caption.CaptionConfig(batch_size=8)
     reference = tmp_path / "reference.csv"
     caption.caption_directory(predictor, many, reference, config, show_progress=False)
@@ -332,38 +331,6 @@ def test_caption_dir_interrupted_at_a_random_batch_resumes_to_the_same_file(worl
     assert len(assert_whole_rows(out, reference)) == (stop_at - 1) * 8
     caption.caption_directory(predictor, many, out, config, resume=True, show_progress=False)
     assert out.read_bytes() == reference.read_bytes()
-
-
-def test_train_interrupted_at_a_random_step_resumes_to_the_uninterrupted_run(world, tmp_path, monkeypatch):  # noqa: F811
-    """2 epochs of 2 steps: Ctrl-C before a random one of the 4, then --resume; the metrics are the
-    uninterrupted run's (test_train checks the exact state at fixed steps)."""
-    common = [world.records, "--cache-dir", tmp_path / "cache", "--epochs", "2", "--dropout", "0", *TINY_TRAIN]
-    ok("train", "-o", tmp_path / "reference", *common)
-    stop_at, real_init = random.Random(7).randrange(1, 5), train._Trainer.__init__
-
-    def init_with_interrupt(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        step, steps = self.train_step, []
-
-        def interrupting(*batch):
-            steps.append(1)
-            if len(steps) == stop_at:
-                raise KeyboardInterrupt
-            return step(*batch)
-
-        self.train_step = interrupting
-
-    monkeypatch.setattr(train._Trainer, "__init__", init_with_interrupt)
-    result = invoke("train", "-o", tmp_path / "run", *common)
-    assert result.exit_code == 130 and result.stderr.strip().splitlines()[-1].endswith("continue with --resume")
-    monkeypatch.setattr(train._Trainer, "__init__", real_init)
-    ok("train", world.records, "-o", tmp_path / "run", "--resume", "--cache-dir", tmp_path / "cache", "--quiet")
-
-    def losses(run):
-        return [(m["epoch"], round(m["loss"], 5), round(m["val_loss"], 5))
-                for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
-
-    assert losses(tmp_path / "run") == losses(tmp_path / "reference")
 
 
 def interrupt_at(monkeypatch, target: str, after: int = 0):
@@ -406,7 +373,7 @@ INTERRUPTED = {  # command -> (arguments with OUT, where Ctrl-C lands)
 
 
 @pytest.mark.parametrize("command", list(INTERRUPTED))
-def test_ctrl_c_of_a_whole_output_is_one_line_leaves_nothing_and_a_rerun_works(world, savedmodel, tmp_path,  # noqa: F811
+def test_ctrl_c_of_a_whole_output_is_one_line_leaves_nothing_and_a_rerun_works(world, savedmodel, tmp_path,
                                                                               monkeypatch, capfd, command):
     """Beam on DirectRunner: exit 130 and one line, not Beam's 40-line traceback and exit 2."""
     args, where = INTERRUPTED[command]
@@ -426,53 +393,27 @@ def test_ctrl_c_of_a_whole_output_is_one_line_leaves_nothing_and_a_rerun_works(w
 
 
 # ---------------------------------------------------------------------------------------------
-# Beam's worker processes: quiet, and Ctrl-C ends them all within seconds
+# Beam's worker processes: quiet, and Ctrl-C ends them (on the engine's own context managers: a
+# multi-process pipeline takes half a minute here)
 
-def beam_command(images: Path, out: Path, model: Path, *extra) -> list[str]:
-    return [sys.executable, "-m", "tfcap", "caption-dir", str(images), "-o", str(out), "--model", str(model),
-            "--engine", "beam", *extra, "--", "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
-
-
-def descendants(pid: int) -> list[int]:
-    found = []
-    for path in Path(f"/proc/{pid}/task").glob("*/children"):
-        found += [int(p) for p in path.read_text().split()]
-    return found + [d for child in found for d in descendants(child)]
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to find the worker processes")
-def test_beam_worker_processes_are_quiet_and_ctrl_c_ends_them_in_one_line(world, savedmodel, many, tmp_path):  # noqa: F811
-    """Slow (two runs that each start two worker processes, about a minute): the worker processes are
-    the subject. A finished run prints its summary alone (not 16 lines of its workers' start-up);
-    Ctrl-C (SIGINT to the process group, as a terminal sends it) is exit 130 with one line (not 11
-    tracebacks), leaves no worker process and no output."""
+def test_beam_workers_are_quiet_and_ended_with_the_pipeline(capfd):
+    """What the pipeline's block starts is ended when it fails or is interrupted (DirectRunner waited
+    for its worker processes, which printed their tracebacks); what they print goes nowhere."""
     pytest.importorskip("apache_beam")
-    done = subprocess.run(beam_command(world.photos, tmp_path / "quiet", savedmodel), capture_output=True,
-                          text=True, env=ENV, timeout=300)
-    assert done.returncode == 0 and done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-3000:]
-    assert done.stderr.startswith("caption-dir: 7 images (6 ok, 1 failed)")
+    from tfcap.engines import beam as engine
 
-    lots = tmp_path / "lots"
-    lots.mkdir()
-    for k in range(2000):
-        os.link(many / f"{k % 120:03d}.png", lots / f"{k:04d}.png")
-    run = subprocess.Popen(beam_command(lots, tmp_path / "out", savedmodel, "--batch-size", "1"), env=ENV,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while len(descendants(run.pid)) < 2 and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    workers = descendants(run.pid)
-    assert len(workers) >= 2, run.communicate()[1][-3000:]
-    time.sleep(5)  # into the pipeline
-    os.killpg(run.pid, signal.SIGINT)
-    sent = time.monotonic()
-    _, stderr = run.communicate(timeout=60)
-    assert time.monotonic() - sent < 20
-    assert run.returncode == 130, stderr[-3000:]
-    assert [line for line in stderr.splitlines() if line.strip()] == [
-        f"interrupted: nothing written to {tmp_path / 'out'} (a Beam pipeline writes its parts when it finishes)"]
-    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["lots", "quiet"]
+    interrupted = threading.Event()
+    with pytest.raises(KeyboardInterrupt):
+        with engine._quiet(False), engine._ended_with_the_pipeline(interrupted):
+            worker = subprocess.Popen([sys.executable, "-c", "import sys, time; print('chatter', file=sys.stderr, "
+                                       "flush=True); time.sleep(60)"])
+            time.sleep(1)
+            raise KeyboardInterrupt
+    assert worker.wait(timeout=5) == -signal.SIGKILL
+    assert "chatter" not in capfd.readouterr().err
+    with engine._quiet(True):
+        os.write(2, b"shown with --verbose\n")
+    assert capfd.readouterr().err == "shown with --verbose\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,7 +432,7 @@ def cluster_env(monkeypatch) -> str:
     return cluster["worker"][1]
 
 
-def test_a_missing_peer_is_one_line_after_the_cluster_timeout(world, tmp_path, monkeypatch, capfd):  # noqa: F811
+def test_a_missing_peer_is_one_line_after_the_cluster_timeout(world, tmp_path, monkeypatch, capfd):
     """It waited forever in TensorFlow's C++ before."""
     assert cli.train_command.params[[p.name for p in cli.train_command.params].index("cluster_timeout")].default \
         == distribute.CLUSTER_TIMEOUT
@@ -503,7 +444,7 @@ def test_a_missing_peer_is_one_line_after_the_cluster_timeout(world, tmp_path, m
     assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_while_waiting_for_the_cluster_is_one_line(world, tmp_path, monkeypatch):  # noqa: F811
+def test_ctrl_c_while_waiting_for_the_cluster_is_one_line(world, tmp_path, monkeypatch):
     cluster_env(monkeypatch)
     own = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"][0].rpartition(":")
 
@@ -523,7 +464,7 @@ def test_ctrl_c_while_waiting_for_the_cluster_is_one_line(world, tmp_path, monke
                                     f"({json.loads(os.environ['TF_CONFIG'])['cluster']['worker'][1]})"
 
 
-def test_sigterm_while_waiting_for_the_cluster_ends_the_process_at_once(world, tmp_path, monkeypatch):  # noqa: F811
+def test_sigterm_while_waiting_for_the_cluster_ends_the_process_at_once(world, tmp_path, monkeypatch):
     """In a process of its own: it ignored SIGTERM for minutes (TensorFlow's C++ wait, and its handler)."""
     cluster_env(monkeypatch)
     own = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"][0].rpartition(":")
@@ -552,7 +493,7 @@ def test_sigterm_while_waiting_for_the_cluster_ends_the_process_at_once(world, t
 # Inputs at or under the output; decoding changed on --resume; nothing to caption; an empty batch
 
 @pytest.mark.parametrize("out, init", [("xe", "xe"), ("nest", "nest/xe")])
-def test_train_refuses_an_output_that_would_delete_its_init_run(world, tmp_path, out, init):  # noqa: F811
+def test_train_refuses_an_output_that_would_delete_its_init_run(world, tmp_path, out, init):
     """`-o xe --init xe --overwrite` deleted the cross-entropy run before reading it."""
     shutil.copytree(world.run, tmp_path / init)
     before = listing(tmp_path)
@@ -565,10 +506,11 @@ def test_train_refuses_an_output_that_would_delete_its_init_run(world, tmp_path,
     assert listing(tmp_path) == before
 
 
-def test_caption_dir_resume_refuses_another_decoding_and_keeps_the_one_it_began_with(world, tmp_path):  # noqa: F811
+def test_caption_dir_resume_refuses_another_decoding_and_keeps_the_one_it_began_with(world, tmp_path):
     """`--resume --beam-size 1` on an output begun with beam 3 mixed two decodings in one file."""
     out = tmp_path / "out.csv"
-    ok("caption-dir", world.photos, "-o", out, "--model", world.run, "--quiet")  # begun with the defaults
+    shutil.copy(world.csv, out)
+    shutil.copy(caption.settings_path(world.csv), caption.settings_path(out))  # begun with the defaults
     recorded = json.loads(caption.settings_path(out).read_text())
     assert (recorded["model"], recorded["beam_size"]) == (str(world.run.resolve()), 3)
     begun = "".join(out.read_text().splitlines(keepends=True)[:3])
@@ -586,7 +528,7 @@ def test_caption_dir_resume_refuses_another_decoding_and_keeps_the_one_it_began_
     assert out.read_bytes() == world.csv.read_bytes()
 
 
-def test_caption_dir_of_a_folder_without_images_says_so_and_writes_nothing(world, tmp_path):  # noqa: F811
+def test_caption_dir_of_a_folder_without_images_says_so_and_writes_nothing(world, tmp_path):
     (tmp_path / "empty").mkdir()
     result = ok("caption-dir", tmp_path / "empty", "-o", tmp_path / "out.csv", "--model", world.run)
     assert result.stderr.strip() == (f"caption-dir: 0 images to caption: no image file (.jpg .jpeg .png .gif .bmp "
@@ -594,7 +536,7 @@ def test_caption_dir_of_a_folder_without_images_says_so_and_writes_nothing(world
     assert listing(tmp_path) == ["empty"]
 
 
-def test_savedmodel_captions_an_empty_batch(world, savedmodel):  # noqa: F811
+def test_savedmodel_captions_an_empty_batch(world, savedmodel):
     serve = tf.saved_model.load(str(savedmodel)).signatures["serving_default"]
     empty = serve(images=tf.constant([], tf.string))
     assert empty["captions"].shape == (0,) and empty["scores"].shape == (0,) and empty["scores"].dtype == tf.float32

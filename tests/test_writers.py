@@ -137,6 +137,7 @@ def test_keras_weights_are_made_in_memory_and_load_back(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # A caption-dir output cut anywhere: the whole rows before the cut, never a row nobody wrote
 
+COLUMNS = ("path", "caption", "score", "error")  # a file written before labels and confidence: fewer columns
 ROWS = [{"path": "a.png", "caption": "a cat", "score": -1.0, "error": ""},
         {"path": 'b, "quoted".png', "caption": "a dog", "score": -2.0, "error": ""},
         {"path": "two\nlines.png", "caption": "", "score": None, "error": "empty"},
@@ -147,8 +148,8 @@ ROWS = [{"path": "a.png", "caption": "a cat", "score": -1.0, "error": ""},
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_a_cut_anywhere_keeps_exactly_the_whole_rows_before_it(fmt):
     header = "path,caption,score,error\n" if fmt == "csv" else ""
-    text = header + caption.format_rows(ROWS, fmt)
-    ends = [len((header + caption.format_rows(ROWS[:k], fmt)).encode()) for k in range(len(ROWS) + 1)]
+    text = header + caption.format_rows(ROWS, fmt, COLUMNS)
+    ends = [len((header + caption.format_rows(ROWS[:k], fmt, COLUMNS)).encode()) for k in range(len(ROWS) + 1)]
     data = text.encode()
     for cut in range(len(header), len(data) + 1):
         whole = max(k for k in range(len(ROWS) + 1) if ends[k] <= cut)
@@ -160,13 +161,16 @@ def test_a_cut_anywhere_keeps_exactly_the_whole_rows_before_it(fmt):
 def test_resume_continues_with_the_recorded_decoding_and_refuses_another(tmp_path):
     out = tmp_path / "out.csv"
     assert caption.resumed_settings(out, {"beam_size": 1}) == {"beam_size": 1}  # nothing recorded: as given
-    recorded = {"model": "/m", "beam_size": 3, "length_penalty": 0.0, "precision": "float32", "max_pixels": 100}
+    recorded = {"model": "/m", "beam_size": 3, "length_penalty": 0.0, "no_repeat_ngram": 2, "precision": "float32",
+                "labels": 3, "max_pixels": 100, "min_confidence": None}
     caption.settings_path(out).write_text(json.dumps(recorded))
     given = dict.fromkeys(caption.SETTINGS)
     assert caption.resumed_settings(out, given) == recorded
     assert caption.resumed_settings(out, {**given, "beam_size": 3}) == recorded
     for name, value, option in [("beam_size", 1, "--beam-size 1"), ("length_penalty", 0.5, "--length-penalty 0.5"),
-                                ("model", "/other", "--model /other"), ("max_pixels", 5, "--max-pixels 5")]:
+                                ("model", "/other", "--model /other"), ("max_pixels", 5, "--max-pixels 5"),
+                                ("no_repeat_ngram", 0, "--no-repeat-ngram 0"), ("labels", 0, "--labels 0"),
+                                ("min_confidence", 0.5, "--min-confidence 0.5")]:
         with pytest.raises(TfcapError, match=f"^{option} differs from the .* that {out} was begun with"):
             caption.resumed_settings(out, {**given, name: value})
     assert caption.settings_path(out).name == ".out.csv.settings.json"
@@ -174,7 +178,7 @@ def test_resume_continues_with_the_recorded_decoding_and_refuses_another(tmp_pat
 
 def test_rows_cut_on_disk_parse_as_csv_does_after_resume(tmp_path):
     """The CSV module agrees: what complete_length keeps parses to whole rows with the csv reader."""
-    text = ("path,caption,score,error\n" + caption.format_rows(ROWS, "csv")).encode()
+    text = ("path,caption,score,error\n" + caption.format_rows(ROWS, "csv", COLUMNS)).encode()
     cut = text.index(b"two\n") + 4  # inside the quoted name, just after its newline
     keep = caption.complete_length(text[:cut], "csv")
     assert [r["path"] for r in csv.DictReader(io.StringIO(text[:keep].decode()))] == ["a.png", 'b, "quoted".png']
