@@ -638,9 +638,9 @@ def demo_command(out, images, epochs, overwrite, quiet):
     """Generate a captioned dataset, build records, train, caption held-out images, evaluate: offline."""
     import dataclasses
 
-    from tfcap import demo, outputs
+    from tfcap import demo
 
-    outputs.check_output(out, overwrite)
+    _claim(out, overwrite=overwrite)  # one demo at a time into OUT
     config = demo.DemoConfig()
     if images is not None:
         config = dataclasses.replace(config, scenes=dataclasses.replace(config.scenes, images=images))

@@ -1,7 +1,7 @@
 """Safe outputs: nothing half-written under the final name, nothing overwritten by accident.
 
-`Output` is the one way a command writes what it makes (build-records, train, export, caption-dir
-with either engine, evaluate, gallery; a new command should use it too). Claiming one checks, in
+`Output` is the one way a command writes what it makes (build-records, train, fit-confidence, export,
+caption-dir with either engine, evaluate, gallery, score, demo; a new command should use it too). Claiming one checks, in
 this order, before any work and before anything is deleted:
 
 1. no input lies at or under it (`refuse_inputs`: --overwrite would delete the input);
@@ -88,15 +88,6 @@ def refuse_inputs(out: Path, inputs: dict[str, Path | None]) -> None:
     for what, path in inputs.items():
         if path is not None and (Path(path).resolve() == target or target in Path(path).resolve().parents):
             raise TfcapError(f"{out} would replace the {what} {path}: choose another output")
-
-
-def check_output(out: Path, overwrite: bool, inputs: dict[str, Path | None] | None = None, *,
-                 hint: str = "--overwrite", replace: bool = True) -> None:
-    """Everything known about an output before the work starts: it replaces no input, it does not
-    exist unless `overwrite`, and it can be written (`check_writable`)."""
-    refuse_inputs(out, inputs or {})
-    refuse_existing(Path(out), overwrite, hint)
-    check_writable(out, replace)
 
 
 def _remove(path: Path) -> None:
