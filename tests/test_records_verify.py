@@ -169,9 +169,9 @@ def test_ctrl_c_or_sigterm_while_building_the_feature_cache_stops_it_and_leaves_
     child = start_build(intact_records, cache, "slow")
     try:
         deadline = time.monotonic() + 120
-        while not list(cache.glob(".train-*.partial")) and child.poll() is None and time.monotonic() < deadline:
+        while not list(cache.glob(".tfcap-*.train-*")) and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert list(cache.glob(".train-*.partial")), "the build started"
+        assert list(cache.glob(".tfcap-*.train-*")), "the build started"
         time.sleep(1.5)
         child.send_signal(signum)
         # Not a hang (the wait's timeout): how soon it stops is a matter of the machine's load, and is
