@@ -359,6 +359,15 @@ def interrupt_at(monkeypatch, target: str, after: int = 0):
     return lambda: monkeypatch.setattr(owner, name, real)
 
 
+@pytest.fixture
+def python_ctrl_c():
+    """SIGINT raises KeyboardInterrupt, as in a fresh `tfcap` process: a test that ran an in-process
+    multi-worker strategy earlier in this pytest worker may have left TensorFlow's C++ handler on it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 INTERRUPTED = {  # command -> (arguments with OUT, where Ctrl-C lands)
     "build-records": (lambda w, sm, out: ["build-records", "--captions", w.captions, "--images", w.images, "-o", out,
                                           "--min-count", "1", "--quiet"], "tfcap.records._write_record"),
@@ -374,7 +383,8 @@ INTERRUPTED = {  # command -> (arguments with OUT, where Ctrl-C lands)
 
 @pytest.mark.parametrize("command", list(INTERRUPTED))
 def test_ctrl_c_of_a_whole_output_is_one_line_leaves_nothing_and_a_rerun_works(world, savedmodel, tmp_path,
-                                                                              monkeypatch, capfd, command):
+                                                                              monkeypatch, capfd, command,
+                                                                              python_ctrl_c):
     """Beam on DirectRunner: exit 130 and one line, not Beam's 40-line traceback and exit 2."""
     args, where = INTERRUPTED[command]
     if command == "caption-dir beam":
@@ -444,7 +454,7 @@ def test_a_missing_peer_is_one_line_after_the_cluster_timeout(world, tmp_path, m
     assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_while_waiting_for_the_cluster_is_one_line(world, tmp_path, monkeypatch):
+def test_ctrl_c_while_waiting_for_the_cluster_is_one_line(world, tmp_path, monkeypatch, python_ctrl_c):
     cluster_env(monkeypatch)
     own = json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"][0].rpartition(":")
 
@@ -458,7 +468,8 @@ def test_ctrl_c_while_waiting_for_the_cluster_is_one_line(world, tmp_path, monke
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=interrupt_once_listening, daemon=True).start()
-    result = invoke("train", world.records, "-o", tmp_path / "run", "--strategy", "multi-worker", *TINY_TRAIN)
+    result = invoke("train", world.records, "-o", tmp_path / "run", "--strategy", "multi-worker", *TINY_TRAIN,
+                    "--cluster-timeout", "60")  # a missed Ctrl-C fails in a minute, not five
     assert result.exit_code == 130, (result.output, result.exception)
     assert result.output.strip() == "interrupted while waiting for the other tasks of the cluster " \
                                     f"({json.loads(os.environ['TF_CONFIG'])['cluster']['worker'][1]})"
