@@ -357,7 +357,7 @@ RESUME_HINT = "--overwrite (or --resume to complete it)"
 
 def caption_directory(captioner, images_dir: Path, out: Path | Output, config: CaptionConfig = CaptionConfig(), *,
                       fmt: str | None = None, overwrite: bool = False, resume: bool = False,
-                      show_progress: bool = True, settings: dict | None = None) -> dict:
+                      show_progress: bool = True, settings: dict | None = None, paths: list[str] | None = None) -> dict:
     """Caption every image under `images_dir` into `out`; return counts and timing.
 
     `captioner` is anything with `preprocess_bytes(tf.string []) -> [S, S, 3]`,
@@ -367,7 +367,9 @@ def caption_directory(captioner, images_dir: Path, out: Path | Output, config: C
     defaults to the suffix of `out` (see `output_format`). `out` may be an `outputs.Output` the
     caller claimed (with append=resume). `settings` (`decoding_settings`), when given, is recorded
     beside a new output, and `resume` refuses to continue an output begun with other ones.
-    A folder without an image file leaves `out` as it was (`nothing_found`).
+    A folder without an image file leaves `out` as it was (`nothing_found`). `paths`: the images as
+    `find_images(images_dir, config.recursive)` lists them, when the caller has listed them already
+    (a folder of many files is walked once).
     """
     if overwrite and resume:
         raise TfcapError("--overwrite and --resume contradict each other")
@@ -375,7 +377,7 @@ def caption_directory(captioner, images_dir: Path, out: Path | Output, config: C
     fmt = output_format(Path(out), fmt)
     # One writer per output (two would both append the missing rows), held to the end.
     with claimed(out, overwrite=overwrite, append=resume, hint=RESUME_HINT) as output:
-        all_paths = find_images(images_dir, config.recursive)
+        all_paths = find_images(images_dir, config.recursive) if paths is None else paths
         if not all_paths:
             return nothing_found(images_dir, output)
         fd, done, columns = _open_output(output.path, fmt, resume, settings)

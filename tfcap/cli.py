@@ -393,7 +393,8 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
     inputs = {"images folder": images_dir, "model": model_path}
     output = _claim(out, overwrite=overwrite, append=resume, inputs=inputs, hint=caption.RESUME_HINT)
     gallery = gallery_path and _claim(gallery_path, overwrite=overwrite or resume, inputs={**inputs, "output": out})
-    if not caption.find_images(images_dir, config.recursive):
+    found = caption.find_images(images_dir, config.recursive)
+    if not found:
         caption.nothing_found(images_dir, out)
         return
     if resume:  # the decoding the output was begun with; given again, it must be the same
@@ -414,7 +415,8 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
                          "then export again)")
     result = caption.caption_directory(predictor, images_dir, output, config, fmt=fmt, overwrite=overwrite,
                                        resume=resume, show_progress=not quiet,
-                                       settings=caption.decoding_settings(model_path, predictor, config))
+                                       settings=caption.decoding_settings(model_path, predictor, config),
+                                       paths=found)
     if gallery:
         from tfcap.gallery import write_gallery
         write_gallery(out, images_dir, gallery, progress=not quiet)

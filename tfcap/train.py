@@ -32,7 +32,6 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
