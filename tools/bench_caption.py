@@ -1,6 +1,7 @@
 """Captioning throughput: encoder alone vs `caption-dir` vs the notebook way, in one run.
 
-    python tools/bench_caption.py speed IMAGES --model RUN_X [--images 200] [--notebook-images 20] [--repeats 3] [--precision P]
+    python tools/bench_caption.py speed IMAGES --model RUN_X [--images 200] [--notebook-images 20] [--repeats 3]
+                                        [--precision P] [--beam-size K]
     python tools/bench_caption.py fold [--encoder xception] [--batch 32] [--repeats 5] [--precision P]
     python tools/bench_caption.py rss IMAGES --model RUN_DIR [--small 500] [--large 5000]
     python tools/bench_caption.py beam [--vocab 3000] [--batch 32] [--steps 20] [--baseline REV] [--threads N]
@@ -10,7 +11,9 @@ speed: on the first --images files of IMAGES (sorted), with the captioner of --m
 images/s of
   (a) the encoder alone, batched through tf.data: caption-dir's own input pipeline (read, check,
       decode, resize, preprocess) and encoder (BatchNorm folded), nothing after;
-  (b) `tfcap caption-dir` end to end (walk, pipeline, encoder, beam search 3, CSV), library call;
+  (b) `tfcap caption-dir` end to end (walk, pipeline, encoder, decoding, confidence, labels, CSV),
+      library call, with the model's own decoding as caption-dir uses it (its decoding.json; for
+      the bundled model, greedy) unless --beam-size gives another beam;
   (c) the notebook way: PIL open + resize, one encoder `model.predict` per image (the stock Keras
       model), then one decoder `model.predict` per generated word (greedy), same decoder weights;
       left out with --notebook-images 0.
@@ -139,7 +142,8 @@ def speed(args) -> None:
     try:
         run = Path(args.model)
         files = link_images(Path(args.images_dir), args.images, work / "images")
-        predictor = export.load_predictor(run, beam_size=3, precision=args.precision)  # caption-dir's
+        # caption-dir's: the model's own decoding (its decoding.json) unless --beam-size says otherwise
+        predictor = export.load_predictor(run, beam_size=args.beam_size, precision=args.precision)
         config = predictor.settings["model"]
         # The notebook (c) is the merge architecture in stock Keras layers: it has no attention decoder.
         notebook = args.notebook_images > 0 and config["decoder"]["kind"] == "merge"
@@ -147,7 +151,9 @@ def speed(args) -> None:
             print(f"(c) skipped: the notebook's decoder is a merge LSTM, this model's is {config['decoder']['kind']}")
         captioner = model.load_model(run) if notebook else None  # the notebook's: stock Keras layers
         print(f"model: {config['encoder']['name']} at {predictor.settings['image_size']}, vocabulary "
-              f"{config['vocab_size']}, {len(files)} images; (a) and (b) in {predictor.settings['encoder_precision']}"
+              f"{config['vocab_size']}, {len(files)} images; (b) decodes with beam {predictor.settings['beam_size']}, "
+              f"no repeated {predictor.settings.get('no_repeat_ngram', 0)}-gram; "
+              f"(a) and (b) in {predictor.settings['encoder_precision']}"
               + (f", (c) in {captioner.encoder.precision}" if notebook else ""), flush=True)
 
         def encoder_alone(paths) -> float:  # caption-dir's own input pipeline and encoder, nothing after
@@ -361,6 +367,8 @@ def main() -> None:
     parser.add_argument("images_dir", metavar="IMAGES", nargs="?")
     parser.add_argument("--model", help="speed, rss: run directory (or SavedModel) to caption with")
     parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--beam-size", type=int, default=None,
+                        help="speed: (b)'s beam (default: the model's decoding.json, as caption-dir)")
     parser.add_argument("--notebook-images", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--small", type=int, default=500)
