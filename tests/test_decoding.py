@@ -428,3 +428,22 @@ def test_blocking_exports_in_a_savedmodel(tmp_path):
     tf.saved_model.save(Captioner(), str(tmp_path / "m"))
     tokens = tf.saved_model.load(str(tmp_path / "m"))(tf.zeros([4, 1]))[0].numpy()
     assert tokens.shape == (4, 12) and not any(repeated_ngrams(row, 3) for row in tokens)
+
+
+def test_greedy_steps_only_the_captions_still_growing():
+    """Rows leave the step once their caption has ended (`<end>` is forbidden first, so an image whose
+    `<end>` the model favours ends at the second step), with the captions of a full batch's run."""
+    model, max_length = TinyModel(seed=7), 6
+    features, end_bias = images(4, seed=8, end_bias=[20.0, -np.inf, 20.0, -np.inf])
+    rows = []
+
+    def step(tokens, state, context):
+        rows.append(int(tf.shape(tokens)[0]))
+        return model.step(tokens, state, context)
+
+    context = {"features": features, "end_bias": end_bias}
+    tokens, scores, lengths = greedy_search(step, model.initial_state(features), context, max_length=max_length)
+    assert rows == [4, 4, 2, 2, 2, 2]
+    assert lengths.numpy().tolist() == [2, 6, 2, 6]
+    totals = sequence_log_probs(model, features, end_bias, tokens.numpy())
+    np.testing.assert_allclose(scores, totals / lengths.numpy(), atol=1e-5)

@@ -164,10 +164,13 @@ def greedy_search(
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Most likely next token at each step; the same result as `beam_search(..., beam_size=1)`.
 
+    Rows leave the step once their captions have ended, so its cost follows the captions still
+    growing, not the batch's longest.
+
     Args:
-      step_fn: the decoder step (module docstring), called with N = B.
+      step_fn: the decoder step (module docstring), called with N <= B: the rows still in play.
       initial_state: nested structure of tensors, each [B, ...].
-      context: nested structure of tensors, each [B, ...].
+      context: nested structure of tensors, each [B, ...]: one row per image (gathered with the state).
       max_length: maximum caption length in tokens, `<end>` included; static.
       no_repeat_ngram: as `beam_search`.
     Returns:
@@ -178,28 +181,49 @@ def greedy_search(
     batch = _batch_size(initial_state, context)
     positions = tf.range(steps)
 
-    def cond(t, tokens, state, seq, sums, lengths, done, end_first):
+    def cond(t, tokens, state, context, rows, seq, sums, lengths, done, end_first):
         return (t < steps) & ~tf.reduce_all(done)
 
-    def body(t, tokens, state, seq, sums, lengths, done, end_first):
+    def body(t, tokens, state, context, rows, seq, sums, lengths, done, end_first):
+        # The step runs on the captions still growing: `rows` [n] of the B, their tokens, state, context.
         log_probs, state = step_fn(tokens, state, context)
         log_probs = tf.cast(log_probs, tf.float32)
-        end_first = tf.where(t == 0, log_probs[:, end_id], end_first)
+        at = rows[:, None]
+        end_first = tf.where(t == 0, tf.tensor_scatter_nd_update(end_first, at, log_probs[:, end_id]), end_first)
         log_probs = _forbid(log_probs, t, start_id, end_id)
+        row_seq = tf.gather(seq, rows)
         if no_repeat_ngram:
-            log_probs = _block_repeats(log_probs, seq, t, no_repeat_ngram)
+            log_probs = _block_repeats(log_probs, row_seq, t, no_repeat_ngram)
         token = tf.argmax(log_probs, axis=1, output_type=tf.int32)
-        live = ~done  # finished rows still run through step_fn (batched) but change nothing
-        seq = tf.where(live[:, None] & (positions == t), token[:, None], seq)
-        sums = tf.where(live, sums + tf.reduce_max(log_probs, axis=1), sums)
-        lengths = tf.where(live, t + 1, lengths)
+        row_sums = tf.gather(sums, rows) + tf.reduce_max(log_probs, axis=1)
+        seq = tf.tensor_scatter_nd_update(seq, at, tf.where(positions == t, token[:, None], row_seq))
+        sums = tf.tensor_scatter_nd_update(sums, at, row_sums)
+        lengths = tf.tensor_scatter_nd_update(lengths, at, tf.fill(tf.shape(rows), t + 1))
         # A -inf sum means no allowed token had a finite log-prob: the caption falls back to empty.
-        done = done | (token == end_id) | (sums == _NEG_INF)
-        return t + 1, token, state, seq, sums, lengths, done, end_first
+        ended = (token == end_id) | (row_sums == _NEG_INF)
+        done = tf.tensor_scatter_nd_update(done, at, ended)
+        # Captions end at different steps (Flickr8k's: 10 tokens on average, 13-15 for the longest of
+        # 64): those that ended leave, so that the step's arithmetic follows the captions still
+        # growing (greedy decoding of 64 images a quarter faster). At every step where some end: that
+        # measured faster than waiting for a quarter of them, although each time copies the context
+        # (an attention decoder's grid).
+        keep = tf.where(~ended)[:, 0]
+        token, state, context, rows = tf.cond(
+            tf.size(keep) < tf.size(rows),
+            lambda: tf.nest.map_structure(lambda x: tf.gather(x, keep), (token, state, context, rows)),
+            lambda: (token, state, context, rows))
+        return t + 1, token, state, context, rows, seq, sums, lengths, done, end_first
 
-    loop_vars = (tf.constant(0), tf.fill([batch], start_id), initial_state, tf.fill([batch, steps], PAD_ID),
-                 tf.zeros([batch]), tf.ones([batch], tf.int32), tf.zeros([batch], tf.bool), tf.zeros([batch]))
-    *_, seq, sums, lengths, _, end_first = tf.while_loop(cond, body, loop_vars, maximum_iterations=steps)
+    def in_play(x):  # a loop variable whose rows are the rows in play: any number of them
+        return tf.TensorShape([None]).concatenate(x.shape[1:])
+
+    loop_vars = (tf.constant(0), tf.fill([batch], start_id), initial_state, context, tf.range(batch),
+                 tf.fill([batch, steps], PAD_ID), tf.zeros([batch]), tf.ones([batch], tf.int32),
+                 tf.zeros([batch], tf.bool), tf.zeros([batch]))
+    invariants = tf.nest.map_structure(lambda x: x.shape, loop_vars)
+    invariants = (invariants[0], *tf.nest.map_structure(in_play, loop_vars[1:5]), *invariants[5:])
+    *_, seq, sums, lengths, _, end_first = tf.while_loop(cond, body, loop_vars, shape_invariants=invariants,
+                                                         maximum_iterations=steps)
     return _finish(seq, sums, lengths, end_first, end_id)
 
 
