@@ -75,11 +75,11 @@ def test_confidence_ranks_an_images_own_caption_above_the_others(fitted_run, tin
     assert result["in_domain"].all() and (result["typicality"] > 0).all()  # the training images themselves
 
 
-def test_an_attention_run_gets_a_confidence_with_one_grid_slot_per_caption(overfitted, tiny_records, tiny_features,
-                                                                            tmp_path, monkeypatch):
-    """The attention decoder lays out K slots per image, K = the most captions of one image: the image pass
-    (one caption per image) and the average image's pass (one image, B captions) must not be one call, or
-    every image gets B slots (B x B: the bundled attention model's fit ran out of 24 GB)."""
+def test_an_attention_run_gets_a_confidence_with_one_grid_row_per_caption(overfitted, tiny_records, tiny_features,
+                                                                           tmp_path, monkeypatch):
+    """The attention decoder's recurrence runs on as many rows as it attends with: the image pass (one
+    caption per image) and the average image's pass (one image, B captions) must not be one call, where
+    every image would get B slots (B x (B + 1) rows: the bundled attention model's fit ran out of 24 GB)."""
     from tfcap import decoder
 
     run = tmp_path / "run"
@@ -89,11 +89,11 @@ def test_an_attention_run_gets_a_confidence_with_one_grid_slot_per_caption(overf
     pixels = tf.stack([captioner.preprocess_bytes(tf.constant(tile(i))) for i in range(len(CAPTIONS))])
     features = captioner.features(pixels)
     ids = captioner.word_ids(tf.constant(CAPTIONS))
-    slots, laid_out = [], decoder._slots
-    monkeypatch.setattr(decoder, "_slots", lambda owners, images: slots.append(
-        int(images) * int(tf.reduce_max(tf.math.bincount(owners)))) or laid_out(owners, images))
+    rows, recur = [], decoder.AttentionDecoder._recur
+    monkeypatch.setattr(decoder.AttentionDecoder, "_recur", lambda self, words, h, *rest: rows.append(
+        int(tf.shape(h)[0])) or recur(self, words, h, *rest))
     signals = captioner.assessor.signals(features, ids).numpy()
-    assert slots and max(slots) <= len(CAPTIONS)  # B captions of one image, never (B + 1) images x B
+    assert rows and max(rows) <= len(CAPTIONS)  # B captions at most, never (B + 1) images x B
     own = confidence.caption_log_probs(captioner.decoder, features, ids)  # the image pass alone
     np.testing.assert_allclose(signals[:, confidence.FEATURES.index("log_prob")], (own[0] / own[1]).numpy(), rtol=1e-5)
     trust = captioner.assess(features, ids)["confidence"].numpy()
@@ -298,3 +298,23 @@ def test_min_confidence_leaves_out_the_less_trusted_captions_with_the_reason(fit
     refused = runner.invoke(main, ["caption-dir", str(images), "-o", str(tmp_path / "x.csv"), "--model", str(bare),
                                    "--min-confidence", "0.5"])
     assert refused.exit_code == 2 and "no fitted confidence" in refused.output and not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize("kind", ["merge", "attention"])
+def test_log_probs_given_one_image_by_steps_equal_teacher_forcing(kind):
+    """The average image's pass steps once per distinct prefix (captions that begin alike share
+    steps): the same log-probabilities as teacher forcing every caption against a copy of the one image."""
+    from tfcap import decoder
+
+    config = decoder.DecoderConfig(kind=kind, units=16, embed_dim=8, attention_dim=8, dropout=0.0)
+    dec = decoder.build_decoder(11, config)
+    rng = np.random.default_rng(0)
+    one = {"pooled": tf.constant(rng.normal(size=(1, 6)), tf.float32),
+           "grid": tf.constant(rng.normal(size=(1, 4, 6)), tf.float32)}
+    ids = tf.constant([[4, 5, 0, 0, 0], [6, 7, 8, 9, 10], [4, 0, 0, 0, 0], [5, 6, 7, 0, 0], [8, 9, 10, 4, 0],
+                       [6, 7, 8, 0, 0], [4, 5, 0, 0, 0]])  # prefixes shared, a caption twice, one inside another
+    dec(one, tf.ones([1, 2], tf.int32))  # build
+    want = confidence.caption_log_probs(dec, one, ids, owners=tf.zeros([7], tf.int32))
+    got = confidence.log_probs_given_one_image(dec, one, ids)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_array_equal(got[1], [3, 6, 2, 4, 5, 4, 3])
