@@ -88,7 +88,7 @@ class Captioner:
     beam_size, length_penalty, precision: as `tfcap caption-dir`'s options (default: the model's
       decoding.json and precision; a SavedModel's are fixed at export); further keyword arguments
       go to `export.load_predictor` too.
-    batch_size: images per batch through the encoder and beam search.
+    batch_size: images per batch through the encoder and decoding (as caption-dir's).
     max_pixels: refuse images whose header declares more pixels (default: caption-dir's).
 
     An image is a local path (str or os.PathLike), the bytes of an encoded image (JPEG, PNG, GIF,
@@ -99,7 +99,7 @@ class Captioner:
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, beam_size: int | None = None,
-                 length_penalty: float | None = None, precision: str | None = None, batch_size: int = 32,
+                 length_penalty: float | None = None, precision: str | None = None, batch_size: int = 64,
                  max_pixels: int | None = None, **options):
         import_tensorflow()
         from tfcap import caption, export, images

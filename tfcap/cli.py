@@ -331,7 +331,8 @@ def _default_model(ctx, param, value):
 @_decoding_options
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default=None,
               help="Output format (default: from the suffix of --out; .jsonl, .ndjson, .json are JSON Lines, else CSV).")
-@click.option("--batch-size", type=_POSITIVE, default=32, show_default=True)
+@click.option("--batch-size", type=_POSITIVE, default=64, show_default=True,
+              help="Images per batch through the encoder and decoding.")
 @click.option("--max-pixels", type=_POSITIVE, default=None, help="Refuse images whose header declares more pixels.")
 @click.option("--no-recursive", is_flag=True, help="Only the top folder.")
 @click.option("--gallery", "gallery_path", type=PathArg, help="Also write an HTML gallery of the results here.")
