@@ -59,7 +59,6 @@ def main() -> None:
     args = parser.parse_args()
 
     import keras
-    import tensorflow as tf
 
     from tfcap import inputs, model, text, train
 
