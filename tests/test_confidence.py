@@ -318,3 +318,18 @@ def test_log_probs_given_one_image_by_steps_equal_teacher_forcing(kind):
     got = confidence.log_probs_given_one_image(dec, one, ids)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     np.testing.assert_array_equal(got[1], [3, 6, 2, 4, 5, 4, 3])
+
+
+def test_a_score_that_is_not_finite_is_null_in_json_lines_and_the_lines_stay_strict_json():
+    """A caption without a finite log-probability scores -inf: JSON has no infinity (Python writes
+    -Infinity, which strict readers refuse), so caption-dir's and score's JSON Lines hold null."""
+    from tfcap import rows, scoring
+
+    def strict(line: str) -> dict:
+        return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
+
+    caption_row = {**rows.failed(""), "path": "a.jpg", "caption": "a dog", "score": float("-inf")}
+    assert strict(rows.format_rows([caption_row], "jsonl"))["score"] is None
+    assert rows.format_rows([caption_row], "csv").split(",")[rows.COLUMNS.index("score")] == "-inf"
+    scored = {"path": "a.jpg", "caption": "a dog", "score": float("-inf"), "confidence": 0.0}
+    assert strict(scoring.format_rows([scored], list(scored), "jsonl")) == {**scored, "score": None}

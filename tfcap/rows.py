@@ -22,7 +22,8 @@ FIELDS: a new per-image output is its tensor in `Captioner.describe` and one Fie
 
 A field's value by kind: in a row (Python) / in CSV / in JSON Lines:
   text    str / as is / a string
-  number  float or None / 4 decimals, or empty / a number rounded to 4 decimals, or null
+  number  float or None / 4 decimals, or empty / a number rounded to 4 decimals, or null (also
+          for a value that is not finite, which JSON cannot hold)
   flag    bool or None / true or false, or empty / true or false, or null
   labels  [(name, probability), ...] or None / "tabby 0.62; tiger cat 0.21", or empty /
           [{"name": "tabby", "probability": 0.6213}, ...], or null
@@ -125,8 +126,8 @@ def format_value(f: Field, value, fmt: str):
         return "" if fmt == "csv" else None
     if f.kind == TEXT:
         return value
-    if f.kind == NUMBER:
-        return f"{value:.4f}" if fmt == "csv" else round(value, 4)
+    if f.kind == NUMBER:  # JSON has no infinity (a score without a finite log-probability): null
+        return f"{value:.4f}" if fmt == "csv" else round(value, 4) if math.isfinite(value) else None
     if f.kind == FLAG:
         return ("true" if value else "false") if fmt == "csv" else bool(value)
     if fmt == "csv":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +71,11 @@ def _text(value) -> str:
 
 
 def format_rows(rows: list[dict], fields: list[str], fmt: str) -> str:
-    """Scored rows (floats, None, booleans in the added fields) as CSV or JSON Lines text."""
-    if fmt == "jsonl":
-        return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    """Scored rows (floats, None, booleans in the added fields) as CSV or JSON Lines text (a float that
+    is not finite: "-inf" in CSV, null in JSON Lines)."""
+    if fmt == "jsonl":  # JSON has no infinity (a score without a finite log-probability): null
+        return "".join(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                   for k, v in row.items()}, ensure_ascii=False) + "\n" for row in rows)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fields, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
