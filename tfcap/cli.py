@@ -181,7 +181,7 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 @click.option("--captions-per-image", type=click.Choice(["one", "all"]), default="all", show_default=True,
               help="Per image per epoch: one random caption, or all of them.")
 @click.option("--eval-every", type=int, default=1, show_default=True,
-              help="Epochs between val BLEU-4 and CIDEr-D (0: never).")
+              help="Epochs between val BLEU-4 and CIDEr-D, and after the last (0: never).")
 @click.option("--eval-images", type=int, default=0, help="Val images decoded for BLEU-4 and CIDEr-D (0: all).")
 @click.option("--patience", type=int, default=3, show_default=True, help="Evaluations without gain before stopping.")
 @click.option("--train-encoder", is_flag=True,

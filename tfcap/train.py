@@ -2,8 +2,9 @@
 
 One `tf.function` train step does teacher forcing on whole padded captions (every position in one
 pass), masked sparse cross-entropy, loss scaling under float16, global-norm gradient clipping and
-an LR schedule. Each epoch ends with the validation loss; every `eval_every` epochs, batched greedy
-decoding of the validation images gives BLEU-4, which picks the best weights and stops early.
+an LR schedule. Each epoch ends with the validation loss; every `eval_every` epochs and after the
+last, batched greedy decoding of the validation images gives BLEU-4, which picks the best weights
+and stops early.
 
 By default the encoder is frozen and its features are computed once (the feature cache). With
 `train_encoder` the CNN is trained with the decoder, as im2txt's `train_inception` does: images are
@@ -63,7 +64,7 @@ class TrainConfig:
     warmup_steps: int = 100
     clip_norm: float = 5.0
     captions_per_image: str = "all"  # one (a random caption per image per epoch) | all
-    eval_every: int = 1  # epochs between validation BLEU-4 evaluations; 0: never
+    eval_every: int = 1  # epochs between validation BLEU-4 evaluations, and the last epoch; 0: never
     eval_images: int = 0  # validation images decoded for BLEU-4; 0: all
     patience: int = 3  # evaluations without BLEU-4 improvement before stopping early; 0: never stop
     seed: int = 0
@@ -462,7 +463,9 @@ class _Trainer:
             if self.self_critical:  # "loss" is the policy-gradient surrogate; tokens_per_s counts samples
                 record.update({"samples_per_s": record.pop("tokens_per_s"), **self.self_critical.stats()})
             improved = False
-            if self.config.eval_every and (epoch + 1) % self.config.eval_every == 0:
+            # The last epoch is always evaluated: a run shorter than eval_every still picks its best weights.
+            if self.config.eval_every and ((epoch + 1) % self.config.eval_every == 0
+                                           or epoch + 1 == self.config.epochs):
                 record.update(self.val_scores(val_features))
                 score = record[f"val_{self.config.select}"]
                 improved = score > float(self.best_score.numpy())
