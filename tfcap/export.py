@@ -93,7 +93,9 @@ class ServingModule(tf.Module):
         return self.captioner.assess(features, self.captioner.ids_of_words(words))
 
     def _caption_pixels(self, pixels):
-        return self._decode(self._encode(pixels))
+        # Through the tf.functions, not their Python bodies: caption_pixels and serve call the graphs of
+        # encode and decode, traced once, instead of tracing the encoder and the search three times each.
+        return self.decode(self.encode(pixels))
 
     def _serve(self, images):
         size = self.captioner.encoder.size
