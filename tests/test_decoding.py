@@ -430,10 +430,16 @@ def test_blocking_exports_in_a_savedmodel(tmp_path):
     assert tokens.shape == (4, 12) and not any(repeated_ngrams(row, 3) for row in tokens)
 
 
-def test_greedy_steps_only_the_captions_still_growing():
-    """Rows leave the step once their caption has ended (`<end>` is forbidden first, so an image whose
-    `<end>` the model favours ends at the second step), with the captions of a full batch's run."""
-    model, max_length = TinyModel(seed=7), 6
+@pytest.mark.parametrize("search, options, steps", [
+    (greedy_search, {}, [4, 4, 2, 2, 2]),
+    (beam_search, {"beam_size": 2}, [4, 8, 4, 4, 4]),
+])
+def test_decoding_steps_only_the_captions_that_may_still_change(search, options, steps):
+    """Greedy: a row leaves the step once its caption has ended; beam search: an image's beams leave once
+    none can beat its best finished caption. Here the two images whose `<end>` the model favours end at
+    the second step (`<end>` is forbidden first); the other two run to max_length. Each image gets the
+    caption it gets searched alone."""
+    model, max_length = TinyModel(seed=7), 5
     features, end_bias = images(4, seed=8, end_bias=[20.0, -np.inf, 20.0, -np.inf])
     rows = []
 
@@ -442,8 +448,14 @@ def test_greedy_steps_only_the_captions_still_growing():
         return model.step(tokens, state, context)
 
     context = {"features": features, "end_bias": end_bias}
-    tokens, scores, lengths = greedy_search(step, model.initial_state(features), context, max_length=max_length)
-    assert rows == [4, 4, 2, 2, 2, 2]
-    assert lengths.numpy().tolist() == [2, 6, 2, 6]
+    tokens, scores, lengths = search(step, model.initial_state(features), context, max_length=max_length, **options)
+    assert rows == steps
+    assert lengths.numpy().tolist() == [2, 5, 2, 5]
     totals = sequence_log_probs(model, features, end_bias, tokens.numpy())
     np.testing.assert_allclose(scores, totals / lengths.numpy(), atol=1e-5)
+    for b in range(4):
+        alone = search(model.step, model.initial_state(features[b:b + 1]),
+                       {"features": features[b:b + 1], "end_bias": end_bias[b:b + 1]}, max_length=max_length,
+                       **options)
+        assert alone[0].numpy().tolist() == tokens[b:b + 1].numpy().tolist()
+        np.testing.assert_allclose(alone[1], scores[b:b + 1], atol=1e-6)

@@ -9,8 +9,9 @@ export in a SavedModel. They drive any decoder exposed as one step function:
       context:   nested structure of tensors, each [N, ...] (e.g. image features); never reordered
       log_probs: float [N, V]       log-softmax over the vocabulary for the next token (values <= 0)
 
-N is B (greedy, and beam search's first step) or B * beam_size (beam search's later steps, the beams of
-image b in rows b*K .. b*K + K-1).
+N is B at the first step. Later, greedy's N is the captions still growing (rows of ended captions
+leave state and context), beam search's n * beam_size for the n images still open (the beams of the
+i-th of them in rows i*K .. i*K + K-1; a settled image's rows leave).
 
 What is searched: captions y_1 .. y_n (n <= max_length) that end with `<end>`, or that reach
 max_length without it (truncated). `<pad>`, `<unk>` and `<start>` are never generated (their
@@ -60,9 +61,10 @@ def beam_search(
     At each step the K alive beams propose their extensions and the top K (by summed log-prob) are
     kept; those ending in `<end>` (and, at the last step, all of them) are finished captions, of which
     the best by rank (see the module docstring) is kept, competing with later ones. Beams that ended
-    leave their slot to the next step's candidates. The loop stops early once no alive beam can still
-    beat the best finished caption of its image; that bound is exact, so the result equals exhaustive
-    search whenever K is at least the number of candidates per step. With K=1 this is greedy decoding.
+    leave their slot to the next step's candidates. An image leaves the loop once no alive beam of it can
+    still beat its best finished caption, and the loop stops when none is left; that bound is exact, so
+    the result equals exhaustive search whenever K is at least the number of candidates per step. With
+    K=1 this is greedy decoding.
 
     Per step, each beam's K best allowed tokens come first (a top-k over its V log-probs, `_top_k`),
     then the top K of those K*K candidates: the global top K of all K*V extensions is among them
@@ -73,7 +75,7 @@ def beam_search(
     Args:
       step_fn: the decoder step (module docstring).
       initial_state: nested structure of tensors, each [B, ...]; its step-0 successor is tiled to [B*K, ...].
-      context: nested structure of tensors, each [B, ...]; tiled to [B*K, ...] once, never gathered.
+      context: nested structure of tensors, each [B, ...]; tiled to [B*K, ...] once, then only rows leave.
       beam_size: K, static.
       max_length: maximum caption length in tokens, `<end>` included; static.
       length_penalty: alpha >= 0 in sum_logp / n ** alpha, used to rank finished captions.
@@ -89,26 +91,39 @@ def beam_search(
     k, steps = beam_size, max_length
     batch = _batch_size(initial_state, context)
     positions = tf.range(steps)
-    row_offsets = k * tf.range(batch)[:, None]  # [B, 1]: image b's beams sit in rows b*K .. b*K + K-1
     forbidden = tuple(sorted({PAD_ID, UNK_ID, start_id}))  # never generated; `<end>` is also forbidden first
+    best_possible = tf.cast(steps, tf.float32) ** length_penalty
 
     def rank(sums, length):
         return sums if length_penalty == 0 else sums / tf.cast(length, tf.float32) ** length_penalty
 
-    def record_finished(t, top_sum, token, seq, finished):
-        """Fold the captions that end at step t (or are cut there) into each image's best finished one."""
+    def record_finished(t, top_sum, token, seq, images, finished):
+        """Fold the captions that end at step t (or are cut there) into each image's best finished one.
+
+        top_sum, token [n, K], seq [n, K, T] of the n images in play, `images` [n] their indices in the
+        batch; finished: (seq [B, T], sum [B], length [B], rank [B]) of the whole batch."""
         fin_seq, fin_sum, fin_len, fin_rank = finished
         ended = (token == end_id) | (t == steps - 1)
         new_rank = tf.where(ended, rank(top_sum, t + 1), _NEG_INF)  # a -inf sum ranks -inf: never taken
         best, slot = tf.math.top_k(new_rank, k=1)  # equal ranks: the lower slot, i.e. the higher sum first
-        better = best[:, 0] > fin_rank  # strictly: equal ranks keep the earlier caption
-        return (tf.where(better[:, None], tf.gather(seq, slot[:, 0], batch_dims=1), fin_seq),
-                tf.where(better, tf.gather(top_sum, slot[:, 0], batch_dims=1), fin_sum),
-                tf.where(better, t + 1, fin_len),
-                tf.where(better, best[:, 0], fin_rank))
+        best, slot = best[:, 0], slot[:, 0]
+        better = best > tf.gather(fin_rank, images)  # strictly: equal ranks keep the earlier caption
+        at = tf.boolean_mask(images, better)[:, None]
+        return (tf.tensor_scatter_nd_update(fin_seq, at, tf.boolean_mask(tf.gather(seq, slot, batch_dims=1), better)),
+                tf.tensor_scatter_nd_update(fin_sum, at, tf.boolean_mask(tf.gather(top_sum, slot, batch_dims=1), better)),
+                tf.tensor_scatter_nd_update(fin_len, at, tf.fill(tf.shape(at)[:1], t + 1)),
+                tf.tensor_scatter_nd_update(fin_rank, at, tf.boolean_mask(best, better)))
+
+    def settled(alive_sum, images, fin_rank):
+        """tf.bool [n]: images in play whose finished caption no alive beam can beat any more. Extending a
+        caption never raises its sum (log-probs <= 0) and n <= max_length, so an alive beam can at best
+        reach best_alive / max_length**alpha (alpha >= 0)."""
+        best_alive = tf.reduce_max(alive_sum, axis=1)
+        return (best_alive == _NEG_INF) | (best_alive / best_possible < tf.gather(fin_rank, images))
 
     finished = (tf.fill([batch, steps], PAD_ID), tf.fill([batch], _NEG_INF), tf.ones([batch], tf.int32),
                 tf.fill([batch], _NEG_INF))  # -inf: no finished caption yet
+    images = tf.range(batch)
 
     # Step 0, one row per image: the K best first words (end_first: for the empty-caption fallback).
     log_probs, state = step_fn(tf.fill([batch], start_id), initial_state, context)
@@ -116,39 +131,55 @@ def beam_search(
     end_first = log_probs[:, end_id]
     top_sum, token = _top_k_padded(_forbid(log_probs, 0, start_id, end_id), k)  # [B, K]
     seq = tf.where(positions == 0, token[:, :, None], PAD_ID)  # [B, K, T]
-    finished = record_finished(0, top_sum, token, seq, finished)  # only when max_length is 1
+    finished = record_finished(0, top_sum, token, seq, images, finished)  # only when max_length is 1
     alive_sum = tf.where(token == end_id, _NEG_INF, top_sum)
     state = tf.nest.map_structure(lambda x: tf.repeat(x, k, axis=0), state)
     context = tf.nest.map_structure(lambda x: tf.repeat(x, k, axis=0), context)
-    best_possible = tf.cast(steps, tf.float32) ** length_penalty
 
-    def cond(t, tokens, state, alive_seq, alive_sum, fin_seq, fin_sum, fin_len, fin_rank):
-        # Extending a caption never raises its sum (log-probs <= 0) and n <= max_length, so an alive
-        # beam can at best reach best_alive / max_length**alpha (alpha >= 0).
-        best_alive = tf.reduce_max(alive_sum, axis=1)
-        settled = (best_alive == _NEG_INF) | (best_alive / best_possible < fin_rank)
-        return (t < steps) & ~tf.reduce_all(settled)
+    # The loop runs on the n images still in play, image i's beams in rows i*K .. i*K + K-1 of tokens,
+    # state and context. Images leave once settled: their finished caption is final (the bound is
+    # exact), and the search's cost follows the images still open (with a length penalty the bound is
+    # loose: a batch of 64 Flickr8k images takes 15-16 steps, and a third of its rows were settled).
+    def cond(t, tokens, state, context, images, alive_seq, alive_sum, *finished):
+        return (t < steps) & (tf.size(images) > 0)
 
-    def body(t, tokens, state, alive_seq, alive_sum, fin_seq, fin_sum, fin_len, fin_rank):
+    def body(t, tokens, state, context, images, alive_seq, alive_sum, *finished):
+        n = tf.size(images)
         log_probs, state = step_fn(tokens, state, context)
         log_probs = tf.cast(log_probs, tf.float32)
         if no_repeat_ngram:
             log_probs = _block_repeats(log_probs, tf.reshape(alive_seq, [-1, steps]), t, no_repeat_ngram)
-        values, words = _top_allowed(log_probs, k, forbidden)  # [B*K, C] each
+        values, words = _top_allowed(log_probs, k, forbidden)  # [n*K, C] each
         per_beam = values.shape[1] or tf.shape(values)[1]
-        candidates = alive_sum[:, :, None] + tf.reshape(values, [batch, k, per_beam])
-        top_sum, pick = tf.math.top_k(tf.reshape(candidates, [batch, k * per_beam]), k=k)  # [B, K]
+        candidates = alive_sum[:, :, None] + tf.reshape(values, [n, k, per_beam])
+        top_sum, pick = tf.math.top_k(tf.reshape(candidates, [n, k * per_beam]), k=k)  # [n, K]
         parent = pick // per_beam
-        token = tf.gather(tf.reshape(words, [batch, k * per_beam]), pick, batch_dims=1)
-        rows = tf.reshape(parent + row_offsets, [-1])
+        token = tf.gather(tf.reshape(words, [n, k * per_beam]), pick, batch_dims=1)
+        rows = tf.reshape(parent + k * tf.range(n)[:, None], [-1])
         state = tf.nest.map_structure(lambda s: tf.gather(s, rows), state)
         seq = tf.where(positions == t, token[:, :, None], tf.gather(alive_seq, parent, batch_dims=1))
-        finished = record_finished(t, top_sum, token, seq, (fin_seq, fin_sum, fin_len, fin_rank))
+        finished = record_finished(t, top_sum, token, seq, images, finished)
         alive_sum = tf.where(token == end_id, _NEG_INF, top_sum)
-        return (t + 1, tf.reshape(token, [-1]), state, seq, alive_sum, *finished)
+        token = tf.reshape(token, [-1])
+        keep = tf.where(~settled(alive_sum, images, finished[3]))[:, 0]
+        keep_rows = tf.reshape(k * keep[:, None] + tf.range(k, dtype=keep.dtype), [-1])
+        token, state, context, images, seq, alive_sum = tf.cond(
+            tf.size(keep) < n,
+            lambda: (tf.gather(token, keep_rows), *tf.nest.map_structure(lambda x: tf.gather(x, keep_rows),
+                                                                         (state, context)),
+                     tf.gather(images, keep), tf.gather(seq, keep), tf.gather(alive_sum, keep)),
+            lambda: (token, state, context, images, seq, alive_sum))
+        return (t + 1, token, state, context, images, seq, alive_sum, *finished)
 
-    loop_vars = (tf.constant(1), tf.reshape(token, [-1]), state, seq, alive_sum, *finished)
-    *_, fin_seq, fin_sum, fin_len, _ = tf.while_loop(cond, body, loop_vars, maximum_iterations=steps - 1)
+    loop_vars = (tf.constant(1), tf.reshape(token, [-1]), state, context, images, seq, alive_sum, *finished)
+
+    def in_play(x):  # a loop variable whose rows are those of the images in play: any number of them
+        return tf.TensorShape([None]).concatenate(x.shape[1:])
+
+    invariants = tf.nest.map_structure(lambda x: x.shape, loop_vars)
+    invariants = (invariants[0], *tf.nest.map_structure(in_play, loop_vars[1:7]), *invariants[7:])
+    *_, fin_seq, fin_sum, fin_len, _ = tf.while_loop(cond, body, loop_vars, shape_invariants=invariants,
+                                                     maximum_iterations=steps - 1)
     return _finish(fin_seq, fin_sum, fin_len, end_first, end_id)
 
 
