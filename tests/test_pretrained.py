@@ -131,3 +131,22 @@ def test_wheel_holds_the_bundled_model(tmp_path):
     for name in BUNDLED_FILES:
         assert f"tfcap/models/{pretrained.DEFAULT}/{name}" in names, name
     assert "tfcap/backbones/efficientnet_lite.py" in names
+
+
+def test_the_bundled_model_names_no_folder_of_the_machine_that_built_it():
+    """The builder's records folder and cross-entropy run went into the wheel as absolute paths
+    (/work/runs/...): only their names are kept, which is all a reader of the card can use."""
+    for name in ("config.json", "card.json"):
+        text = (pretrained.path() / name).read_text()
+        assert '"/' not in text, (name, [line for line in text.splitlines() if '"/' in line])
+    config = json.loads((pretrained.path() / "config.json").read_text())
+    assert config["train"]["init"] and config["records"]["path"]
+    # What tools/bundle_model.py writes when it rebuilds them:
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from bundle_model import portable
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    run = {"model": {}, "train": {"init": "/home/me/runs/xe", "epochs": 3}, "records": {"path": "/data/records"}}
+    assert portable(run) == {"model": {}, "train": {"init": "xe", "epochs": 3}, "records": {"path": "records"}}
+    assert run["train"]["init"] == "/home/me/runs/xe"  # the run's own config is left as it is

