@@ -109,10 +109,14 @@ def beam_search(
         best, slot = best[:, 0], slot[:, 0]
         better = best > tf.gather(fin_rank, images)  # strictly: equal ranks keep the earlier caption
         at = tf.boolean_mask(images, better)[:, None]
-        return (tf.tensor_scatter_nd_update(fin_seq, at, tf.boolean_mask(tf.gather(seq, slot, batch_dims=1), better)),
-                tf.tensor_scatter_nd_update(fin_sum, at, tf.boolean_mask(tf.gather(top_sum, slot, batch_dims=1), better)),
-                tf.tensor_scatter_nd_update(fin_len, at, tf.fill(tf.shape(at)[:1], t + 1)),
-                tf.tensor_scatter_nd_update(fin_rank, at, tf.boolean_mask(best, better)))
+
+        def update(whole, in_play):  # whole [B, ...] takes in_play [n, ...] where the image did better
+            return tf.tensor_scatter_nd_update(whole, at, tf.boolean_mask(in_play, better))
+
+        return (update(fin_seq, tf.gather(seq, slot, batch_dims=1)),
+                update(fin_sum, tf.gather(top_sum, slot, batch_dims=1)),
+                update(fin_len, tf.fill(tf.shape(better), t + 1)),
+                update(fin_rank, best))
 
     def settled(alive_sum, images, fin_rank):
         """tf.bool [n]: images in play whose finished caption no alive beam can beat any more. Extending a
@@ -172,12 +176,7 @@ def beam_search(
         return (t + 1, token, state, context, images, seq, alive_sum, *finished)
 
     loop_vars = (tf.constant(1), tf.reshape(token, [-1]), state, context, images, seq, alive_sum, *finished)
-
-    def in_play(x):  # a loop variable whose rows are those of the images in play: any number of them
-        return tf.TensorShape([None]).concatenate(x.shape[1:])
-
-    invariants = tf.nest.map_structure(lambda x: x.shape, loop_vars)
-    invariants = (invariants[0], *tf.nest.map_structure(in_play, loop_vars[1:7]), *invariants[7:])
+    invariants = _rows_in_play(loop_vars, 1, 7)  # tokens .. alive_sum: the rows of the images in play
     *_, fin_seq, fin_sum, fin_len, _ = tf.while_loop(cond, body, loop_vars, shape_invariants=invariants,
                                                      maximum_iterations=steps - 1)
     return _finish(fin_seq, fin_sum, fin_len, end_first, end_id)
@@ -245,14 +244,10 @@ def greedy_search(
             lambda: (token, state, context, rows))
         return t + 1, token, state, context, rows, seq, sums, lengths, done, end_first
 
-    def in_play(x):  # a loop variable whose rows are the rows in play: any number of them
-        return tf.TensorShape([None]).concatenate(x.shape[1:])
-
     loop_vars = (tf.constant(0), tf.fill([batch], start_id), initial_state, context, tf.range(batch),
                  tf.fill([batch, steps], PAD_ID), tf.zeros([batch]), tf.ones([batch], tf.int32),
                  tf.zeros([batch], tf.bool), tf.zeros([batch]))
-    invariants = tf.nest.map_structure(lambda x: x.shape, loop_vars)
-    invariants = (invariants[0], *tf.nest.map_structure(in_play, loop_vars[1:5]), *invariants[5:])
+    invariants = _rows_in_play(loop_vars, 1, 5)  # tokens .. rows: the rows in play
     *_, seq, sums, lengths, _, end_first = tf.while_loop(cond, body, loop_vars, shape_invariants=invariants,
                                                          maximum_iterations=steps)
     return _finish(seq, sums, lengths, end_first, end_id)
@@ -314,6 +309,14 @@ def _check(*, beam_size: int, max_length: int, length_penalty: float, no_repeat_
         raise TfcapError(f"maximum caption length must be a positive integer, got {max_length!r}")
     if not length_penalty >= 0:
         raise TfcapError(f"length penalty must be >= 0, got {length_penalty!r}")
+
+
+def _rows_in_play(loop_vars: tuple, first: int, end: int) -> tuple:
+    """Shape invariants of a search's loop variables: those in [first, end) hold rows of what is still
+    in play (captions or images that leave as they settle), any number of them; the rest keep their shape."""
+    shapes = tf.nest.map_structure(lambda x: x.shape, loop_vars)
+    free = tf.nest.map_structure(lambda x: tf.TensorShape([None]).concatenate(x.shape[1:]), loop_vars[first:end])
+    return (*shapes[:first], *free, *shapes[end:])
 
 
 def _batch_size(initial_state: Any, context: Any) -> tf.Tensor:
