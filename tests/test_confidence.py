@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from conftest import CAPTIONS, flickr8k, needs_flickr8k, tile
+from conftest import CAPTIONS, built_once, flickr8k, needs_flickr8k, tile
 from tfcap import confidence, model as models
 from tfcap.cli import main
 from tfcap.datasets.flickr8k import read_expert_judgments
@@ -20,17 +20,19 @@ from tfcap.errors import TfcapError
 
 # Two val images only: their typicality p-values are 1/3, 2/3 or 1, so 0.5 is the cut here. One neighbour:
 # the val images are copies of two training images (distance 0), so any other image is farther than both.
-TINY = confidence.ConfidenceConfig(embed_dim=16, units=32, joint_dim=32, dropout=0.0, epochs=25, batch_size=8,
+TINY = confidence.ConfidenceConfig(embed_dim=16, units=32, joint_dim=32, dropout=0.0, epochs=10, batch_size=8,
                                    bank_size=100, neighbours=1, min_typicality=0.5)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fitted_run(tiny_records, tiny_features, overfitted, tmp_path_factory) -> Path:
-    """A copy of the merge run that reproduces its training captions, with a confidence fitted."""
-    run = tmp_path_factory.mktemp("confidence") / "run"
-    shutil.copytree(overfitted("merge"), run)
-    confidence.fit(run, tiny_records, TINY, cache_dir=tiny_features, show_progress=False)
-    return run
+    """A copy of the merge run that reproduces its training captions, with a confidence fitted: built once
+    per test session (`built_once`), only read by the tests."""
+    def build(root: Path) -> None:
+        shutil.copytree(overfitted("merge"), root / "run")
+        confidence.fit(root / "run", tiny_records, TINY, cache_dir=tiny_features, show_progress=False)
+
+    return built_once(tmp_path_factory, "confidence-fitted-run", build) / "run"
 
 
 def brute_tau_c(x, y):
@@ -60,7 +62,7 @@ def test_confidence_ranks_an_images_own_caption_above_the_others(fitted_run, tin
     captioner = models.load_model(fitted_run)
     assert captioner.assessor is not None
     saved = json.loads((fitted_run / confidence.CONFIG).read_text())
-    assert saved["config"] == {**saved["config"], "units": 32, "epochs": 25} and len(saved["coefficients"]) == 4
+    assert saved["config"] == {**saved["config"], "units": 32, "epochs": 10} and len(saved["coefficients"]) == 4
     pixels = tf.stack([captioner.preprocess_bytes(tf.constant(tile(i))) for i in range(len(CAPTIONS))])
     features = captioner.features(pixels)
     n = len(CAPTIONS)

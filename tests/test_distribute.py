@@ -37,12 +37,10 @@ TINY_OPTIONS = ["--encoder", "mobilenet", "--alpha", "0.25", "--image-size", "32
 def captions_of(run_dir: Path, records_dir: Path, images: int = 8) -> list[str]:
     """Greedy captions of the first training images by the run's saved model."""
     captioner = model.load_model(run_dir)
-    out = []
-    for example in list(records.iterate_examples(records_dir, "train"))[:images]:
-        pixels = captioner.preprocess_bytes(tf.constant(example["image"]))[None]
-        caption, _ = captioner.caption_features(captioner.features(pixels), beam_size=1)
-        out.append(caption.numpy()[0].decode())
-    return out
+    examples = list(records.iterate_examples(records_dir, "train"))[:images]
+    pixels = tf.stack([captioner.preprocess_bytes(tf.constant(example["image"])) for example in examples])
+    captions, _ = captioner.caption_features(captioner.features(pixels), beam_size=1)  # rows are independent
+    return [caption.decode() for caption in captions.numpy()]
 
 
 def test_mirrored_over_two_cpus_trains_like_one_device_and_resume_may_change_the_strategy(tiny_records, tiny_features,
