@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import runpy
 import signal
 import struct
 import subprocess
@@ -368,13 +369,14 @@ def test_no_repeat_ngram_from_decoding_json_the_options_and_a_savedmodel(tiny_ru
         assert refused.exit_code == 2 and "exported with no repeat ngram 3; re-export to use 2" in refused.output
 
 
-def test_choose_decoding_tries_n_gram_blocking_and_prints_the_decoding_json(tiny_run, tiny_records, tmp_path):  # noqa: F811
+def test_choose_decoding_tries_n_gram_blocking_and_prints_the_decoding_json(tiny_run, tiny_records, tiny_features,
+                                                                              capsys, monkeypatch):  # noqa: F811
+    """The tool as a script, in this process (its imports are this suite's: no second TensorFlow start)."""
     tool = Path(__file__).resolve().parent.parent / "tools" / "choose_decoding.py"
-    proc = subprocess.run([sys.executable, str(tool), str(tiny_run), str(tiny_records), "--beams", "1", "2",
-                           "--penalties", "0", "--no-repeat-ngrams", "0", "2", "--cache-dir", str(tmp_path / "cache")],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.strip().splitlines()
+    monkeypatch.setattr(sys, "argv", [str(tool), str(tiny_run), str(tiny_records), "--beams", "1", "2", "--penalties",
+                                      "0", "--no-repeat-ngrams", "0", "2", "--cache-dir", str(tiny_features)])
+    runpy.run_path(str(tool), run_name="__main__")
+    lines = capsys.readouterr().out.strip().splitlines()
     settings = [line.split(":")[0] for line in lines[:-1]]
     assert settings == [f"beam {b} length penalty 0 no repeated {n}-grams" for b in (1, 2) for n in (0, 2)]
     assert all("repeating a 2-gram" in line for line in lines[:-1])
