@@ -236,6 +236,20 @@ def test_resumed_encoder_keeps_the_feature_key_of_its_weights_only_while_they_ar
     assert train._resumed_encoder(config, "float32", saved).feature_key != original.feature_key
 
 
+def test_overwrite_keeps_the_old_run_until_the_new_one_can_start(tiny_records, tiny_run, tmp_path):
+    """`--overwrite` replaces a run, but not with nothing: an error before training (here encoder
+    weights that do not load) leaves the old run as it was."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    (tmp_path / "bad.weights.h5").write_text("not HDF5\n")
+    result = CliRunner().invoke(main, ["train", str(tiny_records), "-o", str(run), "--overwrite", "--encoder",
+                                       "mobilenet", "--alpha", "0.25", "--image-size", "32", "--encoder-weights",
+                                       str(tmp_path / "bad.weights.h5"), "--epochs", "1", "--quiet"])
+    assert result.exit_code == 2 and result.output.startswith("Error: cannot load encoder weights"), result.output
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_resume_with_more_epochs_extends_the_run_and_refuses_other_changed_options(tiny_records, tiny_features,
                                                                                    tmp_path):
     run = tmp_path / "run"

@@ -658,6 +658,7 @@ def _train_locked(records_dir, run_dir, encoder_config, decoder_config, train_co
     chief = placement.is_chief
     manifest = records.read_manifest(records_dir)
     vocab = records.load_vocabulary(records_dir)
+    replaced = False
     if resume:
         model_config = models.ModelConfig.from_dict(saved["model"])
         if model_config.vocab_sha256 != vocab.sha256:
@@ -669,7 +670,7 @@ def _train_locked(records_dir, run_dir, encoder_config, decoder_config, train_co
         if chief and run_dir.exists() and any(run_dir.iterdir()):
             if not overwrite:
                 raise TfcapError(f"{run_dir} already exists; pass --resume to continue it or --overwrite to replace it")
-            shutil.rmtree(run_dir)
+            replaced = True  # deleted once what may fail before training (weights, init run, features) is done
         if train_config.objective == "scst":  # the model is the init run's: encoder, decoder, precision
             model_config, encoder_config = _init_model(Path(train_config.init), vocab, records_dir)
             train_config = dataclasses.replace(train_config, init=str(Path(train_config.init).resolve()))
@@ -689,6 +690,8 @@ def _train_locked(records_dir, run_dir, encoder_config, decoder_config, train_co
         train_features, val_features = (
             features.features_for(records_dir, split, encoder, with_grid, cache_dir=cache_dir,
                                   show_progress=show_progress) for split in ("train", "val"))
+    if replaced:
+        shutil.rmtree(run_dir)
     with placement.strategy.scope():  # the decoder's, the optimizer's and the trainer's variables
         return _train_in_scope(records_dir, run_dir, train_config, resume, show_progress, saved, placement, manifest,
                                vocab, model_config, encoder, train_features, val_features)
