@@ -167,12 +167,8 @@ def beam_search(
         token = tf.reshape(token, [-1])
         keep = tf.where(~settled(alive_sum, images, finished[3]))[:, 0]
         keep_rows = tf.reshape(k * keep[:, None] + tf.range(k, dtype=keep.dtype), [-1])
-        token, state, context, images, seq, alive_sum = tf.cond(
-            tf.size(keep) < n,
-            lambda: (tf.gather(token, keep_rows), *tf.nest.map_structure(lambda x: tf.gather(x, keep_rows),
-                                                                         (state, context)),
-                     tf.gather(images, keep), tf.gather(seq, keep), tf.gather(alive_sum, keep)),
-            lambda: (token, state, context, images, seq, alive_sum))
+        token, state, context = _keep_rows(keep_rows, n * k, (token, state, context))  # the beams' rows
+        images, seq, alive_sum = _keep_rows(keep, n, (images, seq, alive_sum))  # the images'
         return (t + 1, token, state, context, images, seq, alive_sum, *finished)
 
     loop_vars = (tf.constant(1), tf.reshape(token, [-1]), state, context, images, seq, alive_sum, *finished)
@@ -237,11 +233,7 @@ def greedy_search(
         # growing (greedy decoding of 64 images a quarter faster). At every step where some end: that
         # measured faster than waiting for a quarter of them, although each time copies the context
         # (an attention decoder's grid).
-        keep = tf.where(~ended)[:, 0]
-        token, state, context, rows = tf.cond(
-            tf.size(keep) < tf.size(rows),
-            lambda: tf.nest.map_structure(lambda x: tf.gather(x, keep), (token, state, context, rows)),
-            lambda: (token, state, context, rows))
+        token, state, context, rows = _keep_rows(tf.where(~ended)[:, 0], tf.size(rows), (token, state, context, rows))
         return t + 1, token, state, context, rows, seq, sums, lengths, done, end_first
 
     loop_vars = (tf.constant(0), tf.fill([batch], start_id), initial_state, context, tf.range(batch),
@@ -309,6 +301,13 @@ def _check(*, beam_size: int, max_length: int, length_penalty: float, no_repeat_
         raise TfcapError(f"maximum caption length must be a positive integer, got {max_length!r}")
     if not length_penalty >= 0:
         raise TfcapError(f"length penalty must be >= 0, got {length_penalty!r}")
+
+
+def _keep_rows(keep: tf.Tensor, count, structure: Any) -> Any:
+    """`structure` (nested tensors, each [count, ...]) with only its rows `keep` (int [m], m <= count):
+    what is left in play when some leave; returned as it is, without a copy, when none leaves."""
+    return tf.cond(tf.size(keep, out_type=keep.dtype) < tf.cast(count, keep.dtype),
+                   lambda: tf.nest.map_structure(lambda x: tf.gather(x, keep), structure), lambda: structure)
 
 
 def _rows_in_play(loop_vars: tuple, first: int, end: int) -> tuple:
