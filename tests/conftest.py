@@ -168,6 +168,18 @@ def fit(records_dir, run_dir, cache_dir, *, kind="merge", epochs=30, encoder_con
                        train_config=train.TrainConfig(**config), cache_dir=cache_dir, show_progress=False)
 
 
+def greedy_captions(run_dir: Path, examples: list[dict]) -> list[str]:
+    """Greedy captions by a run's saved model of records examples (`records.iterate_examples`), one batch."""
+    import tensorflow as tf
+
+    from tfcap import model
+
+    captioner = model.load_model(run_dir)
+    pixels = tf.stack([captioner.preprocess_bytes(tf.constant(example["image"])) for example in examples])
+    captions, _ = captioner.caption_features(captioner.features(pixels), beam_size=1)  # rows are independent
+    return [caption.decode() for caption in captions.numpy()]
+
+
 def epochs_logged(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-import tensorflow as tf
 from click.testing import CliRunner
 
-from conftest import epochs_logged
-from tfcap import cli, distribute, model, records
+from conftest import epochs_logged, greedy_captions
+from tfcap import cli, distribute, records
 from tfcap.cli import main
 from tfcap.errors import TfcapError
 
@@ -36,11 +35,7 @@ TINY_OPTIONS = ["--encoder", "mobilenet", "--alpha", "0.25", "--image-size", "32
 
 def captions_of(run_dir: Path, records_dir: Path, images: int = 8) -> list[str]:
     """Greedy captions of the first training images by the run's saved model."""
-    captioner = model.load_model(run_dir)
-    examples = list(records.iterate_examples(records_dir, "train"))[:images]
-    pixels = tf.stack([captioner.preprocess_bytes(tf.constant(example["image"])) for example in examples])
-    captions, _ = captioner.caption_features(captioner.features(pixels), beam_size=1)  # rows are independent
-    return [caption.decode() for caption in captions.numpy()]
+    return greedy_captions(run_dir, list(records.iterate_examples(records_dir, "train"))[:images])
 
 
 def test_mirrored_over_two_cpus_trains_like_one_device_and_resume_may_change_the_strategy(tiny_records, tiny_features,

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 
-from conftest import TINY_ENCODER_OPTIONS, epochs_logged, fit, tile
+from conftest import TINY_ENCODER_OPTIONS, epochs_logged, fit, greedy_captions, tile
 from tfcap import encoder, features, images, inputs, model, records, text, train
 from tfcap.cli import main
 from tfcap.errors import TfcapError
@@ -51,11 +51,8 @@ def test_same_seed_gives_the_same_first_epoch_loss(tiny_records, tiny_features, 
 
 def reproduced_training_captions(run_dir: Path, records_dir: Path) -> int:
     """How many training images the saved model captions (greedy) exactly with their first caption."""
-    captioner = model.load_model(run_dir)
     examples = list(records.iterate_examples(records_dir, "train"))
-    pixels = tf.stack([captioner.preprocess_bytes(tf.constant(example["image"])) for example in examples])
-    captions, _ = captioner.caption_features(captioner.features(pixels), beam_size=1)  # rows are independent
-    return sum(c.decode() == e["captions"][0].decode() for c, e in zip(captions.numpy(), examples))
+    return sum(c == e["captions"][0].decode() for c, e in zip(greedy_captions(run_dir, examples), examples))
 
 
 def test_encoder_trained_from_scratch_is_saved_with_its_batch_norm_statistics(tiny_records, tmp_path, monkeypatch):
