@@ -138,7 +138,11 @@ def ok(*args):
 # Eight images, each with its own caption: a handful a tiny model can memorize.
 WORDS = ["red", "green", "blue", "pink", "cat", "dog", "bird", "fish"]
 CAPTIONS = [f"a {WORDS[i % 4]} {WORDS[4 + i // 2 % 4]} sits" for i in range(8)]
-TINY_ENCODER_OPTIONS = dict(name="mobilenet", alpha=0.25, image_size=32, weights="none")  # of EncoderConfig
+# The tiny encoder (of EncoderConfig): the small convnet, random init, 32 px (a 2x2 grid). It builds, traces
+# and exports in a fraction of MobileNet's time, which every caption-dir, export and fit of a tiny run pays.
+TINY_ENCODER_OPTIONS = dict(name="convnet", image_size=32, weights="none")
+# MobileNet-0.25 at 32 px, random init: a weaker encoder, for the tests that need a model with room to learn.
+TINY_MOBILENET_OPTIONS = dict(name="mobilenet", alpha=0.25, image_size=32, weights="none")
 
 
 def tile(i: int) -> bytes:
@@ -212,20 +216,22 @@ def tiny_features(tiny_records, tmp_path_factory) -> Path:
     grid included: it serves the merge and the attention decoder, so that fits with it encode nothing
     (encoding is about half of a tiny fit). Tests about building the cache, and fits with another
     encoder or precision, use a cache of their own."""
-    def build(root: Path) -> None:
-        from tfcap import encoder, features
+    return built_once(tmp_path_factory, "tiny-features", lambda root: build_features(tiny_records, root))
 
-        tiny = encoder.build_encoder(encoder.EncoderConfig(**TINY_ENCODER_OPTIONS), "float32")
-        for split in ("train", "val"):
-            features.build_features(tiny_records, split, tiny, True, cache_dir=root, show_progress=False)
 
-    return built_once(tmp_path_factory, "tiny-features", build)
+def build_features(records_dir: Path, cache_dir: Path, encoder_options: dict = TINY_ENCODER_OPTIONS) -> None:
+    """A feature cache in `cache_dir` of the train and val images of `records_dir` (grid included)."""
+    from tfcap import encoder, features
+
+    tiny = encoder.build_encoder(encoder.EncoderConfig(**encoder_options), "float32")
+    for split in ("train", "val"):
+        features.build_features(records_dir, split, tiny, True, cache_dir=cache_dir, show_progress=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tiny_records, tiny_features, tmp_path_factory) -> Path:
-    """A merge run briefly trained on tiny_records (3 epochs at learning rate 0.005): it captions, and
-    self-critical training still has much to add to it. Tests copy it before they change it."""
+    """A merge run briefly trained on tiny_records (3 epochs at learning rate 0.005): it captions.
+    Tests copy it before they change it."""
     build = lambda root: fit(tiny_records, root / "run", tiny_features, epochs=3, learning_rate=0.005)  # noqa: E731
     return built_once(tmp_path_factory, "tiny-run", build) / "run"
 

@@ -289,7 +289,7 @@ def test_encode_then_decode_is_caption_pixels(tiny_run, tmp_path):
     features = predictor.encode(pixels)
     assert set(features) == {"pooled"} and features["pooled"].shape[0] == 5  # only what the merge decoder reads
     got, want = predictor.decode(features), predictor.caption_pixels(pixels)
-    assert set(got) == set(want) == {"captions", "scores"}  # a random-init MobileNet has no classifier
+    assert set(got) == set(want) == {"captions", "scores"}  # the random-init tiny convnet has no classifier
     assert got["captions"].numpy().tolist() == want["captions"].numpy().tolist()
     np.testing.assert_allclose(got["scores"].numpy(), want["scores"].numpy(), atol=1e-6)
 
@@ -357,7 +357,7 @@ def test_no_repeat_ngram_from_decoding_json_the_options_and_a_savedmodel(tiny_ru
     saved = tmp_path / "saved"
     result = CliRunner().invoke(main, ["export", str(run), "-o", str(saved)])
     assert result.exit_code == 0, result.output
-    assert "no repeated 3-grams, 0 labels" in result.stderr  # a random-init MobileNet has no classifier
+    assert "no repeated 3-grams, 0 labels" in result.stderr  # the random-init tiny convnet has no classifier
     assert export.load_predictor(saved, no_repeat_ngram=3).settings["no_repeat_ngram"] == 3
     photos = tmp_path / "photos"  # an image to caption: a folder without one is done before the model loads
     photos.mkdir()

@@ -28,7 +28,7 @@ from tfcap.cli import main
 from tfcap.errors import TfcapError
 
 # Options of every run here: a tiny decoder, a constant learning rate, no BLEU, no early stop.
-TINY_OPTIONS = ["--encoder", "mobilenet", "--alpha", "0.25", "--image-size", "32", "--encoder-weights", "none",
+TINY_OPTIONS = ["--encoder", "convnet", "--image-size", "32", "--encoder-weights", "none",
                 "--units", "16", "--embed-dim", "16", "--learning-rate", "0.01", "--lr-schedule", "constant",
                 "--eval-every", "0", "--patience", "0", "--seed", "1", "--quiet"]
 

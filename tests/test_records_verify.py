@@ -21,7 +21,7 @@ from tfcap import encoder, features, records
 from tfcap.cli import main
 from tfcap.errors import TfcapError
 
-TINY_ENCODER = encoder.EncoderConfig(name="mobilenet", alpha=0.25, image_size=32, weights="none")
+TINY_ENCODER = encoder.EncoderConfig(name="convnet", image_size=32, weights="none")
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def test_damaged_shard_is_one_line_naming_it_where_records_are_opened(intact_rec
     shard = damaged / "train-00000-of-00001.tfrecord"
     with pytest.raises(TfcapError, match=rf"^{shard} is damaged: .*{reason}.*; rebuild the records"):
         records.load_split(damaged, "train")
-    result = CliRunner().invoke(main, ["train", str(damaged), "-o", str(tmp_path / "run"), "--encoder", "mobilenet",
-                                       "--alpha", "0.25", "--image-size", "32", "--encoder-weights", "none", "--quiet"])
+    result = CliRunner().invoke(main, ["train", str(damaged), "-o", str(tmp_path / "run"), "--encoder", "convnet",
+                                       "--image-size", "32", "--encoder-weights", "none", "--quiet"])
     assert result.exit_code == 2 and result.output.startswith(f"Error: {shard} is damaged"), result.output
     assert result.output.count("\n") == 1
     assert not (damaged.parent / "rec.cache").exists() or not any((damaged.parent / "rec.cache").iterdir())
@@ -132,7 +132,7 @@ def batches(*args, **kwargs):
     return data.map(lambda k, b: {**b, "image": slowly(b["image"])})
 
 features.inputs.image_batches = batches
-tiny = encoder.build_encoder(encoder.EncoderConfig(name="mobilenet", alpha=0.25, image_size=32, weights="none"))
+tiny = encoder.build_encoder(encoder.EncoderConfig(name="convnet", image_size=32, weights="none"))
 try:
     features.build_features(sys.argv[1], "train", tiny, False, cache_dir=sys.argv[2], batch_size=1,
                             show_progress=False)

@@ -33,7 +33,7 @@ def test_tiny_model_overfits_and_greedy_decoding_reproduces_training_captions(ti
 def test_run_directory_holds_everything_to_rebuild_the_model(tiny_records, tiny_run):
     run = tiny_run
     config = json.loads((run / "config.json").read_text())
-    assert config["model"]["encoder"]["name"] == "mobilenet" and config["model"]["precision"] == "float32"
+    assert config["model"]["encoder"]["name"] == TINY_ENCODER_OPTIONS["name"] and config["model"]["precision"] == "float32"
     assert config["model"]["vocab_sha256"] == records.load_vocabulary(tiny_records).sha256
     for name in ("vocab.txt", "encoder.weights.h5", "best.weights.h5", "metrics.jsonl"):
         assert (run / name).is_file(), name
