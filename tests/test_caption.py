@@ -21,6 +21,7 @@ import tensorflow as tf
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import ok
 from tfcap.cli import main
 
 
@@ -382,3 +383,59 @@ def test_choose_decoding_tries_n_gram_blocking_and_prints_the_decoding_json(tiny
     assert all("repeating a 2-gram" in line for line in lines[:-1])
     chosen = json.loads(lines[-1].split("decoding.json: ")[1])
     assert set(chosen) == {"beam_size", "length_penalty", "no_repeat_ngram"} and chosen["no_repeat_ngram"] in (0, 2)
+
+
+def test_a_process_loads_a_model_once_until_its_files_change(tiny_run, tmp_path, monkeypatch):
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from tfcap import export
+
+    monkeypatch.setattr(export, "_LOADED", OrderedDict())
+    loads = []
+
+    def fake_module(run_dir, decoding, precision, labels=None):
+        loads.append((run_dir.name, decoding.beam_size, precision, labels))
+        return SimpleNamespace(settings=json.dumps({"labels": 0}))
+
+    monkeypatch.setattr(export, "serving_module", fake_module)
+    runs = []
+    for name in "abcde":
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        runs.append(tmp_path / name)
+    first = export.load_predictor(runs[0])
+    assert export.load_predictor(runs[0])._owner is first._owner and len(loads) == 1  # the same model, once
+    export.load_predictor(runs[0], beam_size=1)
+    export.load_predictor(runs[0], labels=2)
+    export.load_predictor(runs[0], precision="mixed_bfloat16")
+    assert loads[1:] == [("a", 1, None, None), ("a", 3, None, 2), ("a", 3, "mixed_bfloat16", None)]
+    (runs[0] / "decoding.json").write_text('{"beam_size": 2}')  # a file more: loaded anew, its decoding read
+    assert export.load_predictor(runs[0])._owner is not first._owner and loads[-1] == ("a", 2, None, None)
+    (runs[0] / "config.json").write_text("{}")  # rewritten with the same bytes: loaded anew
+    export.load_predictor(runs[0])
+    assert len(loads) == 6
+    export.load_predictor(runs[0])
+    assert len(loads) == 6
+    export._LOADED.clear()
+    del loads[:]
+    for run in runs[:4]:
+        export.load_predictor(run)
+    export.load_predictor(runs[0])  # kept; now the last asked for
+    export.load_predictor(runs[4])  # a fifth model: the one asked for longest ago (b) goes
+    export.load_predictor(runs[0])
+    assert [name for name, *_ in loads] == ["a", "b", "c", "d", "e"] and len(export._LOADED) == 4
+    export.load_predictor(runs[1])
+    assert [name for name, *_ in loads][-1] == "b" and len(loads) == 6
+
+    # A real run and its SavedModel: one copy each, exported anew -> loaded anew.
+    monkeypatch.undo()
+    monkeypatch.setattr(export, "_LOADED", OrderedDict())
+    run = export.load_predictor(tiny_run)
+    assert export.load_predictor(tiny_run)._owner is run._owner
+    ok("export", tiny_run, "-o", tmp_path / "sm")
+    saved = export.load_predictor(tmp_path / "sm")
+    assert export.load_predictor(tmp_path / "sm")._owner is saved._owner
+    ok("export", tiny_run, "-o", tmp_path / "sm", "--overwrite", "--beam-size", "1")
+    again = export.load_predictor(tmp_path / "sm")
+    assert again._owner is not saved._owner and again.settings["beam_size"] == 1

@@ -22,9 +22,12 @@ give the same captions. SavedModels exported before `encode`/`decode` existed st
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
+import os
+import threading
 from pathlib import Path
 
 import tensorflow as tf
@@ -243,7 +246,11 @@ def load_predictor(path: Path | str | None = None, *, beam_size: int | None = No
     `labels.DEFAULT_COUNT`, 0 for none, none either without a classifier) or an exported SavedModel,
     local or at a URL TensorFlow's file systems read (gs://; all settings fixed at export; asking for
     others, or for more labels than it has, is an error; fewer labels are fine); with no path, over the
-    bundled model (`tfcap.pretrained`)."""
+    bundled model (`tfcap.pretrained`).
+
+    A local model is loaded once per process: asked for again with its files unchanged and the same
+    settings, this returns a predictor over the copy already loaded, its functions already traced (the
+    4 models asked for last are kept)."""
     if path is None:
         path = pretrained.path()
     asked = {"beam_size": beam_size, "length_penalty": length_penalty, "no_repeat_ngram": no_repeat_ngram,
@@ -252,16 +259,55 @@ def load_predictor(path: Path | str | None = None, *, beam_size: int | None = No
         return _saved_model_predictor(path, asked, labels)
     path = Path(path)
     if (path / models.CONFIG).is_file():
-        module = serving_module(path, run_decoding(path, beam_size, length_penalty, no_repeat_ngram), precision,
-                                labels)
+        decoding = run_decoding(path, beam_size, length_penalty, no_repeat_ngram)
+        module = _loaded(path, (decoding, precision, labels), lambda: serving_module(path, decoding, precision, labels))
         return Predictor(module, json.loads(module.settings))
     if (path / "saved_model.pb").is_file():
         return _saved_model_predictor(str(path), asked, labels)
     raise TfcapError(f"{path} is neither a tfcap run directory (config.json) nor a SavedModel (saved_model.pb)")
 
 
+# Models this process loaded, newest last: loading and tracing a captioner takes ~1 s for a tiny run and
+# seconds for a real one, so a process that asks for the same model again (a notebook, a service, the
+# library called per folder) gets the one it has. Keyed by the model's files as they are on disk: a
+# model rewritten since (a run trained again, a SavedModel exported again) is loaded anew.
+_LOADED: collections.OrderedDict = collections.OrderedDict()
+_LOADED_LOCK = threading.Lock()
+_LOADED_KEEP = 4  # models kept (least recently asked for goes first)
+
+
+def _files_signature(folder: Path) -> tuple:
+    """What a model in `folder` is read from, as it is now: name, size, inode and change times of its
+    files and of those in its variables/ and assets/ (a SavedModel's)."""
+    entries = []
+    for sub in (folder, folder / "variables", folder / "assets"):
+        if sub.is_dir():
+            for entry in os.scandir(sub):
+                if entry.is_file():
+                    stat = entry.stat()
+                    entries.append((entry.path, stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns))
+    return tuple(sorted(entries))
+
+
+def _loaded(folder: Path, options: tuple, load):
+    """`load()`, or what it returned before for the same local model folder, files and options."""
+    key = (str(folder.resolve()), options, _files_signature(folder))
+    with _LOADED_LOCK:  # one load per model, even when threads ask at once (Beam's DirectRunner)
+        if key in _LOADED:
+            _LOADED.move_to_end(key)
+            return _LOADED[key]
+        model = load()
+        _LOADED[key] = model
+        while len(_LOADED) > _LOADED_KEEP:
+            _LOADED.popitem(last=False)
+        return model
+
+
 def _saved_model_predictor(location: str, asked: dict, labels: int | None) -> Predictor:
-    loaded = tf.saved_model.load(location)
+    if is_url(location):
+        loaded = tf.saved_model.load(location)
+    else:
+        loaded = _loaded(Path(location), (), lambda: tf.saved_model.load(location))
     settings = json.loads(loaded.get_settings().numpy().decode())
     settings.setdefault("encoder_precision", settings["model"]["precision"])  # exported before the option
     settings.setdefault("no_repeat_ngram", 0)  # exported before n-gram blocking: it had none
