@@ -126,10 +126,12 @@ def test_max_pixels_refuses_by_header(zoo, tiny_run, tmp_path):
 
 
 def test_killed_run_resumes_with_no_duplicate_and_no_missing_row(tiny_run, tmp_path):
+    # Enough images that the kill lands mid-run: the tiny run captioned 120 between two looks at the file.
+    IMAGES = 480
     folder = tmp_path / "many"
     folder.mkdir()
     rng = np.random.default_rng(1)
-    for i in range(120):
+    for i in range(IMAGES):
         pixels = (rng.random((24, 24, 3)) * 255).astype(np.uint8)
         (folder / f"{i:03d}.png").write_bytes(tf.io.encode_png(pixels).numpy())
     reference = tmp_path / "reference.csv"
@@ -141,16 +143,17 @@ def test_killed_run_resumes_with_no_duplicate_and_no_missing_row(tiny_run, tmp_p
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 20):
-        time.sleep(0.05)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = read_csv(out)
-    assert 19 <= len(partial) < 120, "the kill should land mid-run"
+    print(f"killed after {len(partial)} of {IMAGES} rows")
+    assert 19 <= len(partial) < IMAGES, "the kill should land mid-run"
     assert out.read_text().endswith("\n")  # only whole rows
 
     caption_dir(folder, "-o", out, "--model", tiny_run, "--batch-size", "4", "--resume")
     rows = read_csv(out)
-    assert [r["path"] for r in rows] == [f"{i:03d}.png" for i in range(120)]
+    assert [r["path"] for r in rows] == [f"{i:03d}.png" for i in range(IMAGES)]
     assert rows == read_csv(reference)
 
 
