@@ -415,11 +415,13 @@ def test_a_process_loads_a_model_once_until_its_files_change(tiny_run, tmp_path,
     assert loads[1:] == [("a", 1, None, None), ("a", 3, None, 2), ("a", 3, "mixed_bfloat16", None)]
     (runs[0] / "decoding.json").write_text('{"beam_size": 2}')  # a file more: loaded anew, its decoding read
     assert export.load_predictor(runs[0])._owner is not first._owner and loads[-1] == ("a", 2, None, None)
-    (runs[0] / "config.json").write_text("{}")  # rewritten with the same bytes: loaded anew
+    export._LOADED.clear()
     export.load_predictor(runs[0])
-    assert len(loads) == 6
+    (runs[0] / "config.json").write_text("{}")  # rewritten with the same bytes: loaded anew, in the old one's place
     export.load_predictor(runs[0])
-    assert len(loads) == 6
+    assert len(loads) == 7 and len(export._LOADED) == 1
+    export.load_predictor(runs[0])
+    assert len(loads) == 7
     export._LOADED.clear()
     del loads[:]
     for run in runs[:4]:

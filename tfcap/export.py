@@ -269,8 +269,8 @@ def load_predictor(path: Path | str | None = None, *, beam_size: int | None = No
 
 # Models this process loaded, newest last: loading and tracing a captioner takes ~1 s for a tiny run and
 # seconds for a real one, so a process that asks for the same model again (a notebook, a service, the
-# library called per folder) gets the one it has. Keyed by the model's files as they are on disk: a
-# model rewritten since (a run trained again, a SavedModel exported again) is loaded anew.
+# library called per folder) gets the one it has. (folder, options) -> (its files' signature, model): a
+# model rewritten since (a run trained again, a SavedModel exported again) is loaded anew in its place.
 _LOADED: collections.OrderedDict = collections.OrderedDict()
 _LOADED_LOCK = threading.Lock()
 _LOADED_KEEP = 4  # models kept (least recently asked for goes first)
@@ -291,13 +291,15 @@ def _files_signature(folder: Path) -> tuple:
 
 def _loaded(folder: Path, options: tuple, load):
     """`load()`, or what it returned before for the same local model folder, files and options."""
-    key = (str(folder.resolve()), options, _files_signature(folder))
-    with _LOADED_LOCK:  # one load per model, even when threads ask at once (Beam's DirectRunner)
-        if key in _LOADED:
+    key, signature = (str(folder.resolve()), options), _files_signature(folder)
+    with _LOADED_LOCK:  # one load at a time: threads asking at once for a model (Beam's DirectRunner) load it once
+        kept = _LOADED.get(key)
+        if kept is not None and kept[0] == signature:
             _LOADED.move_to_end(key)
-            return _LOADED[key]
+            return kept[1]
         model = load()
-        _LOADED[key] = model
+        _LOADED[key] = (signature, model)  # replaces a copy of files since rewritten
+        _LOADED.move_to_end(key)
         while len(_LOADED) > _LOADED_KEEP:
             _LOADED.popitem(last=False)
         return model
