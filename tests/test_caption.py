@@ -422,6 +422,16 @@ def test_a_process_loads_a_model_once_until_its_files_change(tiny_run, tmp_path,
     assert len(loads) == 7 and len(export._LOADED) == 1
     export.load_predictor(runs[0])
     assert len(loads) == 7
+
+    def unlistable(folder):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    with monkeypatch.context() as patched:  # files readable by name in a folder that cannot be listed
+        patched.setattr(export.os, "scandir", unlistable)
+        export._LOADED.clear()
+        export.load_predictor(runs[0])
+        export.load_predictor(runs[0])
+    assert len(loads) == 9 and not export._LOADED  # loaded each time, as before the cache
     export._LOADED.clear()
     del loads[:]
     for run in runs[:4]:

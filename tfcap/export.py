@@ -291,7 +291,10 @@ def _files_signature(folder: Path) -> tuple:
 
 def _loaded(folder: Path, options: tuple, load):
     """`load()`, or what it returned before for the same local model folder, files and options."""
-    key, signature = (str(folder.resolve()), options), _files_signature(folder)
+    try:
+        key, signature = (str(folder.resolve()), options), _files_signature(folder)
+    except OSError:  # a folder its files can be read from but not listed: loaded, not kept
+        return load()
     with _LOADED_LOCK:  # one load at a time: threads asking at once for a model (Beam's DirectRunner) load it once
         kept = _LOADED.get(key)
         if kept is not None and kept[0] == signature:
