@@ -180,6 +180,9 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 @click.option("--clip-norm", type=float, default=5.0, show_default=True)
 @click.option("--captions-per-image", type=click.Choice(["one", "all"]), default="all", show_default=True,
               help="Per image per epoch: one random caption, or all of them.")
+@click.option("--augment", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: each training image mirrored left-right with probability 1/2, anew each epoch (the "
+              "feature cache then encodes the train images a second time, mirrored).")
 @click.option("--eval-every", type=int, default=1, show_default=True,
               help="Epochs between val BLEU-4 and CIDEr-D, and after the last (0: never).")
 @click.option("--eval-images", type=int, default=0, help="Val images decoded for BLEU-4 and CIDEr-D (0: all).")
@@ -209,8 +212,8 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_size, precision, decoder_kind, units,
                   embed_dim, dropout, context_dim, epochs, batch_size, learning_rate, lr_schedule, clip_norm,
-                  captions_per_image, eval_every, eval_images, patience, train_encoder, objective, init_run, samples,
-                  baseline, select, seed, strategy, devices, cluster_timeout, cache_dir, resume, overwrite, quiet):
+                  captions_per_image, augment, eval_every, eval_images, patience, train_encoder, objective, init_run,
+                  samples, baseline, select, seed, strategy, devices, cluster_timeout, cache_dir, resume, overwrite, quiet):
     """Train a captioner on RECORDS (from build-records) into RUN_DIR."""
     from tfcap import decoder, encoder as encoders, features, outputs, train
 
@@ -230,7 +233,7 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
                   "init_run": "train.init"}
         for name in ("encoder", "encoder_weights", "alpha", "image_size", "precision", "decoder_kind", "units",
                      "embed_dim", "dropout", "context_dim", "epochs", "batch_size", "learning_rate", "lr_schedule",
-                     "clip_norm", "captions_per_image", "eval_every", "eval_images", "patience", "train_encoder",
+                     "clip_norm", "captions_per_image", "augment", "eval_every", "eval_images", "patience", "train_encoder",
                      "objective", "init_run", "samples", "baseline", "select", "seed", "strategy", "devices"):
             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT,
                                                       click.core.ParameterSource.DEFAULT_MAP):
@@ -250,7 +253,8 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
         train_config=train.TrainConfig(epochs=epochs, batch_size=batch_size,
                                        learning_rate=learning_rate or (5e-5 if objective == "scst" else 1e-3),
                                        lr_schedule=lr_schedule, clip_norm=clip_norm,
-                                       captions_per_image=captions_per_image, eval_every=eval_every,
+                                       captions_per_image=captions_per_image, augment=augment,
+                                       eval_every=eval_every,
                                        eval_images=eval_images, patience=patience, seed=seed, precision=precision,
                                        train_encoder=train_encoder, objective=objective,
                                        init=str(init_run) if init_run else "", samples=samples, baseline=baseline,

@@ -5,8 +5,10 @@ A cache entry is a `tf.data.Dataset.save` snapshot of one split, one element per
 decoder; float16 halves the disk and memory of the largest tensor), `captions` tf.string [(n)],
 `caption_ids` tf.int64 ragged [(n), (words)]. It lives in `<cache dir>/<split>-<key>/`, where the
 key hashes the records (shard sha256s, vocabulary), the encoder (architecture, alpha, size,
-precision, weights fingerprint) and whether the grid is stored. Entries are written to a scratch
-name and renamed, so an interrupted build is never mistaken for a cache.
+precision, weights fingerprint), whether the grid is stored and whether the images were mirrored
+(left-right, for `--augment flip`: a second entry of the train split, its elements in the same
+order). Entries are written to a scratch name and renamed, so an interrupted build is never
+mistaken for a cache.
 """
 
 from __future__ import annotations
@@ -36,43 +38,48 @@ def default_cache_dir(records_dir: Path) -> Path:
     return records_dir.with_name(records_dir.name + ".cache")
 
 
-def cache_key(records_dir: Path, split: str, encoder, with_grid: bool) -> str:
+def cache_key(records_dir: Path, split: str, encoder, with_grid: bool, mirrored: bool = False) -> str:
     manifest = records.read_manifest(records_dir)
     identity = {"format": CACHE_FORMAT, "split": split, "vocab": manifest["vocab_sha256"],
                 "shards": [s["sha256"] for s in manifest["splits"][split]["shards"]],
                 "encoder": encoder.feature_key, "grid": with_grid}
+    if mirrored:  # only then: the keys of unmirrored entries are those of caches built before mirroring
+        identity["mirrored"] = True
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def _entry(cache_dir: Path, records_dir: Path, split: str, encoder, with_grid: bool) -> Path:
-    return Path(cache_dir) / f"{split}-{cache_key(records_dir, split, encoder, with_grid)}"
+def _entry(cache_dir: Path, records_dir: Path, split: str, encoder, with_grid: bool, mirrored: bool = False) -> Path:
+    return Path(cache_dir) / f"{split}-{cache_key(records_dir, split, encoder, with_grid, mirrored)}"
 
 
-def find_features(records_dir: Path, split: str, encoder, with_grid: bool, cache_dir: Path | None = None) -> Path | None:
+def find_features(records_dir: Path, split: str, encoder, with_grid: bool, cache_dir: Path | None = None,
+                  mirrored: bool = False) -> Path | None:
     """An existing cache entry that serves the request (one with the grid also serves pooled-only)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(records_dir)
     for grid in ((True,) if with_grid else (False, True)):
-        entry = _entry(cache_dir, records_dir, split, encoder, grid)
+        entry = _entry(cache_dir, records_dir, split, encoder, grid, mirrored)
         if (entry / "dataset_spec.pb").exists() or any(entry.glob("*.snapshot")):
             return entry
     return None
 
 
 def build_features(records_dir: Path, split: str, encoder, with_grid: bool, *, cache_dir: Path | None = None,
-                   batch_size: int = 32, show_progress: bool = True) -> Path:
+                   batch_size: int = 32, show_progress: bool = True, mirrored: bool = False) -> Path:
     """Encode every image of a split once and save the features; return the cache entry's path.
 
     The encoder runs with BatchNorm folded (`Encoder.folded`): the same features, sooner.
+    mirrored: encode each image flipped left-right (the features of `--augment flip`).
     """
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(records_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    entry = _entry(cache_dir, records_dir, split, encoder, with_grid)
+    entry = _entry(cache_dir, records_dir, split, encoder, with_grid, mirrored)
     count = records.read_manifest(records_dir)["splits"][split]["images"]
     clock = Stopwatch()
     encoder = encoder.folded()  # same feature_key: folding changes speed, not features
 
     def encode(batch):
-        grid = encoder(batch["image"])  # [B, h, w, C] float32
+        image = tf.image.flip_left_right(batch["image"]) if mirrored else batch["image"]  # [B, S, S, 3]
+        grid = encoder(image)  # [B, h, w, C] float32
         flat = tf.reshape(grid, [tf.shape(grid)[0], -1, encoder.feature_dim])
         out = {"image_id": batch["image_id"], "pooled": encoder.pool(flat),
                "captions": batch["captions"], "caption_ids": batch["caption_ids"]}
@@ -82,13 +89,14 @@ def build_features(records_dir: Path, split: str, encoder, with_grid: bool, *, c
 
     encoded = (inputs.image_batches(records_dir, split, encoder.preprocess, batch_size)
                .map(encode))  # sequential: the encoder itself uses every core
-    with (progress_bar(count, f"encoding {split} images", show_progress) as advance, _sigterm_as_exit(),
+    what = f"{split} images" + (", mirrored," if mirrored else "")
+    with (progress_bar(count, f"encoding {what.rstrip(',')}", show_progress) as advance, _sigterm_as_exit(),
           atomic_directory(entry, overwrite=True) as scratch):
         try:
             _save_batches(encoded, scratch, advance)
         except tf.errors.OpError as e:
-            raise TfcapError(f"encoding the {split} images of {records_dir} failed: {_op_error_text(e)}") from None
-    summary(f"feature cache: {count} {split} images encoded by {encoder.feature_key} in {clock.seconds:.1f} s, "
+            raise TfcapError(f"encoding the {what} of {records_dir} failed: {_op_error_text(e)}") from None
+    summary(f"feature cache: {count} {what} encoded by {encoder.feature_key} in {clock.seconds:.1f} s, "
             f"{clock.rate(count):.1f} images/s -> {entry}")
     return entry
 
@@ -166,14 +174,15 @@ def load_features(entry: Path) -> tf.data.Dataset:
 
 
 def features_for(records_dir: Path, split: str, encoder, with_grid: bool, *, cache_dir: Path | None = None,
-                 batch_size: int = 32, show_progress: bool = True) -> tf.data.Dataset:
-    """Cached features of a split, building the cache entry first if there is none.
+                 batch_size: int = 32, show_progress: bool = True, mirrored: bool = False) -> tf.data.Dataset:
+    """Cached features of a split (of its images flipped left-right if `mirrored`), building the
+    cache entry first if there is none.
 
     The shards are verified first (`records.verify_shards`): the cache key holds the manifest's
     sha256 of each shard, which then are those of the bytes on disk.
     """
     records.verify_shards(records_dir, split)
-    entry = find_features(records_dir, split, encoder, with_grid, cache_dir)
+    entry = find_features(records_dir, split, encoder, with_grid, cache_dir, mirrored)
     if entry is None:
         # One builder at a time (the workers of a multi-worker cluster, two runs on the same records):
         # the others wait for its entry instead of encoding the same images into the same scratch
@@ -181,8 +190,8 @@ def features_for(records_dir: Path, split: str, encoder, with_grid: bool, *, cac
         cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(records_dir)
         with OutputLock(cache_dir / split, on_busy=lambda pid: summary(
                 f"feature cache: waiting for tfcap process {pid} to encode the {split} images")):
-            entry = find_features(records_dir, split, encoder, with_grid, cache_dir)  # built meanwhile?
+            entry = find_features(records_dir, split, encoder, with_grid, cache_dir, mirrored)  # built meanwhile?
             if entry is None:
                 entry = build_features(records_dir, split, encoder, with_grid, cache_dir=cache_dir,
-                                       batch_size=batch_size, show_progress=show_progress)
+                                       batch_size=batch_size, show_progress=show_progress, mirrored=mirrored)
     return load_features(entry)

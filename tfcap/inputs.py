@@ -15,6 +15,7 @@ from tfcap import images, records, text
 AUTOTUNE = tf.data.AUTOTUNE
 CAPTION_SHUFFLE_BUFFER = 1024
 LENGTH_BUCKETS = (8, 10, 12, 14, 16, 19, 24)  # caption tokens + 1; upper bounds (exclusive) of buckets
+MIRROR_SALT = 2  # folded into the (seed, epoch, position) key: the flip draw is not the caption draw
 
 
 def decoded_images(records_dir: Path, split: str, preprocess) -> tf.data.Dataset:
@@ -35,6 +36,40 @@ def decoded_images(records_dir: Path, split: str, preprocess) -> tf.data.Dataset
 def image_batches(records_dir: Path, split: str, preprocess, batch_size: int) -> tf.data.Dataset:
     """`decoded_images` in batches: image [B, S, S, 3], image_id [B], captions [B, (C)], caption_ids [B, (C), (words)]."""
     return decoded_images(records_dir, split, preprocess).ragged_batch(batch_size).prefetch(AUTOTUNE)
+
+
+def mirrored_half(examples: tf.data.Dataset, mirror, *, seed: int, epoch: int) -> tf.data.Dataset:
+    """Each example mirrored (flipped left-right) with probability 1/2, drawn anew each epoch: the
+    augmentation of `--augment flip`. The draw is a pure function of (seed, epoch, position), taken
+    before any shuffling, so a resumed run sees the same images.
+
+    Args:
+      mirror: (example, flip tf.bool []) -> the example, mirrored where `flip`; e.g. `mirror_image`,
+        or `mirror_features` on (features, mirrored features) pairs.
+    """
+    def draw(index, example):
+        key = tf.random.experimental.stateless_fold_in(tf.stack([tf.cast(seed, tf.int64) * 100_003 + epoch, index]),
+                                                       MIRROR_SALT)
+        return mirror(example, tf.random.stateless_uniform([], seed=key) < 0.5)
+
+    return examples.enumerate().map(draw, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def mirror_image(example: dict, flip: tf.Tensor) -> dict:
+    """`decoded_images`' example with its image [S, S, 3] flipped left-right where `flip`."""
+    image = example["image"]
+    return {**example, "image": tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)}
+
+
+def mirror_features(pair: tuple[dict, dict], flip: tf.Tensor) -> dict:
+    """(cached features of an image, those of the image flipped left-right) -> the second's features
+    where `flip`, else the first's; the captions are the first's (the two must be the same image)."""
+    example, mirrored = pair
+    tf.debugging.assert_equal(example["image_id"], mirrored["image_id"],
+                              message="the mirrored feature cache is not in the order of the features")
+    keys = [k for k in ("pooled", "grid") if k in example]
+    chosen = tf.cond(flip, lambda: [mirrored[k] for k in keys], lambda: [example[k] for k in keys])
+    return {**example, **dict(zip(keys, chosen))}
 
 
 def with_start_end(ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

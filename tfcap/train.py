@@ -50,6 +50,9 @@ from tfcap.progress import Stopwatch, summary
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 LOGS = "logs"
+# none | flip: the training images mirrored left-right, each with probability 1/2, drawn anew each
+# epoch (a picture mirrored is still described by its captions; Flickr8k's rarely say left or right).
+AUGMENTATIONS = ("none", "flip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,7 @@ class TrainConfig:
     warmup_steps: int = 100
     clip_norm: float = 5.0
     captions_per_image: str = "all"  # one (a random caption per image per epoch) | all
+    augment: str = "none"  # none | flip: each training image mirrored left-right with probability 1/2 per epoch
     eval_every: int = 1  # epochs between validation BLEU-4 evaluations, and the last epoch; 0: never
     eval_images: int = 0  # validation images decoded for BLEU-4; 0: all
     patience: int = 3  # evaluations without BLEU-4 improvement before stopping early; 0: never stop
@@ -86,6 +90,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.captions_per_image not in ("one", "all"):
             raise TfcapError("--captions-per-image must be one or all")
+        if self.augment not in AUGMENTATIONS:
+            raise TfcapError(f"--augment must be one of {', '.join(AUGMENTATIONS)}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise TfcapError("--lr-schedule must be cosine or constant")
         if self.epochs < 1 or self.batch_size < 1 or self.learning_rate <= 0:
@@ -362,6 +368,15 @@ class _Trainer:
                                       captions_per_image=captions_per_image, shuffle=shuffle,
                                       seed=self.config.seed, epoch=epoch)
 
+    def augmented(self, train_features: tf.data.Dataset, epoch: int) -> tf.data.Dataset:
+        """An epoch's training examples under `config.augment`: for "flip", the examples are
+        (features, mirrored features) pairs (or decoded images, with train_encoder), each resolved
+        to one view per image by `inputs.mirrored_half`."""
+        if self.config.augment == "none":
+            return train_features
+        mirror = inputs.mirror_image if self.train_encoder else inputs.mirror_features
+        return inputs.mirrored_half(train_features, mirror, seed=self.config.seed, epoch=epoch)
+
     def save_best(self) -> None:
         """The trained weights (decoder, and the encoder when it is trained) into the run directory,
         each written to a hidden name, then both renamed (`outputs.write_files_atomic`)."""
@@ -435,7 +450,7 @@ class _Trainer:
         while int(self.epoch.numpy()) < self.config.epochs:
             epoch, skip = int(self.epoch.numpy()), int(self.step_in_epoch.numpy())
             batches = distribute.replica_batches(self.placement, lambda: self.batches(
-                train_features, shuffle=True, epoch=epoch,
+                self.augmented(train_features, epoch), shuffle=True, epoch=epoch,
                 captions_per_image=self.config.captions_per_image).skip(skip))
             self.batch_spec = self.batch_spec or batches.element_spec  # the same every epoch
             epoch_clock, session_tokens = Stopwatch(), 0.0
@@ -565,7 +580,7 @@ def _resumed_train_config(run_dir: Path, saved: dict, given: dict) -> TrainConfi
         TfcapError naming its option.
     """
     train_config = TrainConfig(**saved["train"])
-    sections = {"encoder": saved["model"]["encoder"], "train": saved["train"],  # the decoder's with fields added since
+    sections = {"encoder": saved["model"]["encoder"], "train": dataclasses.asdict(train_config),  # with fields added since
                 "decoder": dataclasses.asdict(decoders.DecoderConfig.from_dict(saved["model"]["decoder"]))}
     for key, value in given.items():
         section, field = key.split(".")
@@ -690,6 +705,10 @@ def _train_locked(records_dir, run_dir, encoder_config, decoder_config, train_co
         train_features, val_features = (
             features.features_for(records_dir, split, encoder, with_grid, cache_dir=cache_dir,
                                   show_progress=show_progress) for split in ("train", "val"))
+        if train_config.augment == "flip":  # pairs: each image's features and its mirror image's
+            train_features = tf.data.Dataset.zip((train_features, features.features_for(
+                records_dir, "train", encoder, with_grid, cache_dir=cache_dir, show_progress=show_progress,
+                mirrored=True)))
     if replaced:
         shutil.rmtree(run_dir)
     with placement.strategy.scope():  # the decoder's, the optimizer's and the trainer's variables
