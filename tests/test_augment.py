@@ -68,6 +68,15 @@ def test_mirrored_features_out_of_order_are_an_error_not_a_silent_mix():
         list(out)
 
 
+def test_a_grid_only_one_view_has_is_dropped_not_left_unmirrored():
+    """A merge run reads the pooled vector: the train entry found may hold the grid (an attention run's)
+    while the mirrored one, built for the merge run, does not; the grid must not pass through unmirrored."""
+    plain = _examples(1).get_single_element()
+    mirrored = {"image_id": plain["image_id"], "pooled": plain["pooled"] + 1}
+    out = inputs.mirror_features((plain, mirrored), tf.constant(True))
+    assert set(out) == {"image_id", "pooled"} and float(out["pooled"][0]) == 1.0
+
+
 def test_mirror_image_flips_only_where_drawn():
     image = tf.reshape(tf.range(2 * 3 * 3, dtype=tf.float32), [2, 3, 3])
     example = {"image": image, "image_id": tf.constant("a")}
@@ -79,10 +88,10 @@ def test_a_flip_augmented_run_trains_saves_its_setting_and_resumes_exactly(tiny_
                                                                           monkeypatch):
     from test_train import interrupt_after
 
-    kwargs = dict(epochs=2, kind="attention", augment="flip")  # 8 steps per epoch
+    kwargs = dict(epochs=2, augment="flip")  # 64 captions, 8 per step: 8 steps per epoch
     fit(tiny_records, tmp_path / "straight", tiny_features, **kwargs)
     assert json.loads((tmp_path / "straight" / "config.json").read_text())["train"]["augment"] == "flip"
-    fit(tiny_records, tmp_path / "plain", tiny_features, epochs=2, kind="attention")
+    fit(tiny_records, tmp_path / "plain", tiny_features, epochs=2)
     # The mirrored views are trained on: the losses differ from the same run without them.
     assert epochs_logged(tmp_path / "straight")[1]["loss"] != epochs_logged(tmp_path / "plain")[1]["loss"]
     interrupt_after(monkeypatch, 11)  # mid-way through epoch 2

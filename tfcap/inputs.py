@@ -15,6 +15,7 @@ from tfcap import images, records, text
 AUTOTUNE = tf.data.AUTOTUNE
 CAPTION_SHUFFLE_BUFFER = 1024
 LENGTH_BUCKETS = (8, 10, 12, 14, 16, 19, 24)  # caption tokens + 1; upper bounds (exclusive) of buckets
+FEATURE_KEYS = ("pooled", "grid")  # of a feature cache's elements (tfcap.features)
 MIRROR_SALT = 2  # folded into the (seed, epoch, position) key: the flip draw is not the caption draw
 
 
@@ -67,9 +68,11 @@ def mirror_features(pair: tuple[dict, dict], flip: tf.Tensor) -> dict:
     example, mirrored = pair
     tf.debugging.assert_equal(example["image_id"], mirrored["image_id"],
                               message="the mirrored feature cache is not in the order of the features")
-    keys = [k for k in ("pooled", "grid") if k in example]
+    # Features both have: an entry with the grid also serves a decoder that reads the pooled vector
+    # only, so one of the two may hold a grid that the other lacks (and the decoder does not read).
+    keys = [k for k in FEATURE_KEYS if k in example and k in mirrored]
     chosen = tf.cond(flip, lambda: [mirrored[k] for k in keys], lambda: [example[k] for k in keys])
-    return {**example, **dict(zip(keys, chosen))}
+    return {**{k: v for k, v in example.items() if k not in FEATURE_KEYS}, **dict(zip(keys, chosen))}
 
 
 def with_start_end(ids: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
