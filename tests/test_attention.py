@@ -119,8 +119,10 @@ def test_captions_sharing_their_image_s_grid_train_as_with_a_grid_each(seed):
 
 def reference_decoder_step(dec):
     """The decoding step before the fast formulation (the `tfcap.decoding` step contract)."""
-    def step(tokens, state, context):
-        logits, h, c, _ = reference_step(dec, dec.embedding(tokens), *state, context["grid"], context["projected"])
+    def step(tokens, state, context):  # context: one row per image, shared by its N / G hypotheses
+        rows = tf.shape(tokens)[0] // tf.shape(context["grid"])[0]
+        grid, projected = (tf.repeat(context[key], rows, axis=0) for key in ("grid", "projected"))
+        logits, h, c, _ = reference_step(dec, dec.embedding(tokens), *state, grid, projected)
         return tf.nn.log_softmax(logits), (h, c)
     return step
 

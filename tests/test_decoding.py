@@ -17,8 +17,9 @@ WORDS = [4, 5, 6]  # tokens a caption may contain besides <end> (never <unk>)
 class TinyModel:
     """A random RNN decoder in pure TF, so next-token distributions depend on the image and on history.
 
-    State {"h": [N, H], "step": [N, 1]}; context {"features": [N, REGIONS, D], "end_bias": [N]}, where
-    end_bias is added to the `<end>` logit (-inf: this image never ends).
+    State {"h": [N, H], "step": [N, 1]}; context {"features": [G, REGIONS, D], "end_bias": [G]}, one row per
+    image, shared by its N / G consecutive hypotheses (the `tfcap.decoding` step contract), where end_bias
+    is added to the `<end>` logit (-inf: this image never ends).
     """
 
     def __init__(self, seed=0, scale=2.0, forbidden_bias=0.0):
@@ -33,11 +34,18 @@ class TinyModel:
         return {"h": tf.tanh(tf.reduce_mean(features, axis=1) @ self.wi), "step": tf.zeros([tf.shape(features)[0], 1])}
 
     def step(self, tokens, state, context):
+        context = per_row(context, tokens)
         h = tf.tanh(tf.gather(self.emb, tokens) + state["h"] @ self.u
                     + tf.reduce_mean(context["features"], axis=1) @ self.wc + state["step"] * self.ws)
         logits = h @ self.wo + self.bias
         logits = tf.where(tf.range(V) == END_ID, logits + context["end_bias"][:, None], logits)
         return tf.nn.log_softmax(logits), {"h": h, "step": state["step"] + 1}
+
+
+def per_row(context, tokens):
+    """A step's context [G, ...] repeated to its N hypothesis rows (N / G consecutive rows per image)."""
+    rows = tf.shape(tokens)[0] // tf.maximum(tf.shape(tf.nest.flatten(context)[0])[0], 1)  # 0 images: 0 rows
+    return tf.nest.map_structure(lambda x: tf.repeat(x, rows, axis=0), context)
 
 
 def images(count, seed=1, end_bias=None):
@@ -404,7 +412,7 @@ def test_blocking_with_nothing_to_block_is_bit_identical_to_no_blocking(search, 
     first = tf.constant(rng.integers(4, 9, 8), tf.int32)
 
     def run(**blocking):  # each image's first word follows a word of its own: captions differ
-        shifted = lambda t, state, context: step(tf.where(t == START_ID, context, t), state, context)
+        shifted = lambda t, state, context: step(tf.where(t == START_ID, per_row(context, t), t), state, context)
         return [x.numpy() for x in search(shifted, (), first, max_length=6, **blocking, **options)]
 
     for off, idle in zip(run(), run(no_repeat_ngram=5)):

@@ -6,12 +6,14 @@ export in a SavedModel. They drive any decoder exposed as one step function:
     step_fn(tokens, state, context) -> (log_probs, new_state)
       tokens:    tf.int32 [N]       previous token of each hypothesis (`<start>` at the first step)
       state:     nested structure of tensors, each [N, ...]; reordered by parent beam between steps
-      context:   nested structure of tensors, each [N, ...] (e.g. image features); never reordered
+      context:   nested structure of tensors, each [G, ...] (e.g. image features), one row per image
+                 in play, shared by its N / G consecutive rows of tokens and state; never reordered
       log_probs: float [N, V]       log-softmax over the vocabulary for the next token (values <= 0)
 
-N is B at the first step. Later, greedy's N is the captions still growing (rows of ended captions
-leave state and context), beam search's n * beam_size for the n images still open (the beams of the
-i-th of them in rows i*K .. i*K + K-1; a settled image's rows leave).
+N is B at the first step (G = B). Later, greedy's N is the captions still growing (rows of ended
+captions leave state and context; G = N), beam search's n * beam_size for the n images still open (the
+beams of the i-th of them in rows i*K .. i*K + K-1, sharing context row i: an attention decoder's grid
+is not copied K times; a settled image's rows leave; G = n).
 
 What is searched: captions y_1 .. y_n (n <= max_length) that end with `<end>`, or that reach
 max_length without it (truncated). `<pad>`, `<unk>` and `<start>` are never generated (their
@@ -75,7 +77,8 @@ def beam_search(
     Args:
       step_fn: the decoder step (module docstring).
       initial_state: nested structure of tensors, each [B, ...]; its step-0 successor is tiled to [B*K, ...].
-      context: nested structure of tensors, each [B, ...]; tiled to [B*K, ...] once, then only rows leave.
+      context: nested structure of tensors, each [B, ...]; one row per image, which its K beams share
+        (never tiled); the rows of settled images leave.
       beam_size: K, static.
       max_length: maximum caption length in tokens, `<end>` included; static.
       length_penalty: alpha >= 0 in sum_logp / n ** alpha, used to rank finished captions.
@@ -138,7 +141,6 @@ def beam_search(
     finished = record_finished(0, top_sum, token, seq, images, finished)  # only when max_length is 1
     alive_sum = tf.where(token == end_id, _NEG_INF, top_sum)
     state = tf.nest.map_structure(lambda x: tf.repeat(x, k, axis=0), state)
-    context = tf.nest.map_structure(lambda x: tf.repeat(x, k, axis=0), context)
 
     # The loop runs on the n images still in play, image i's beams in rows i*K .. i*K + K-1 of tokens,
     # state and context. Images leave once settled: their finished caption is final (the bound is
@@ -167,8 +169,8 @@ def beam_search(
         token = tf.reshape(token, [-1])
         keep = tf.where(~settled(alive_sum, images, finished[3]))[:, 0]
         keep_rows = tf.reshape(k * keep[:, None] + tf.range(k, dtype=keep.dtype), [-1])
-        token, state, context = _keep_rows(keep_rows, n * k, (token, state, context))  # the beams' rows
-        images, seq, alive_sum = _keep_rows(keep, n, (images, seq, alive_sum))  # the images'
+        token, state = _keep_rows(keep_rows, n * k, (token, state))  # the beams' rows
+        images, context, seq, alive_sum = _keep_rows(keep, n, (images, context, seq, alive_sum))  # the images'
         return (t + 1, token, state, context, images, seq, alive_sum, *finished)
 
     loop_vars = (tf.constant(1), tf.reshape(token, [-1]), state, context, images, seq, alive_sum, *finished)
