@@ -467,3 +467,19 @@ def test_decoding_steps_only_the_captions_that_may_still_change(search, options,
                        **options)
         assert alone[0].numpy().tolist() == tokens[b:b + 1].numpy().tolist()
         np.testing.assert_allclose(alone[1], scores[b:b + 1], atol=1e-6)
+
+
+def test_the_beams_of_an_image_share_its_context_row():
+    """Beam search hands the step one context row per image in play, not one per beam: an attention
+    decoder's grid is not copied K times (nor gathered as images settle)."""
+    model, seen = TinyModel(seed=21), []
+
+    def step(tokens, state, context):
+        seen.append((tokens.shape[0], context["features"].shape[0]))
+        return model.step(tokens, state, context)
+
+    features, end_bias = images(4, seed=22)
+    beam_search(step, model.initial_state(features), {"features": features, "end_bias": end_bias}, beam_size=3,
+                max_length=5)
+    assert seen[0] == (4, 4) and len(seen) > 1
+    assert all(rows == 3 * images_ for rows, images_ in seen[1:]), seen
