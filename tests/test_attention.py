@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from test_decoding import per_row
 from tfcap import decoder, decoding, model
 
 VOCAB, LOCATIONS, CHANNELS = 40, 9, 24
@@ -119,10 +120,9 @@ def test_captions_sharing_their_image_s_grid_train_as_with_a_grid_each(seed):
 
 def reference_decoder_step(dec):
     """The decoding step before the fast formulation (the `tfcap.decoding` step contract)."""
-    def step(tokens, state, context):  # context: one row per image, shared by its N / G hypotheses
-        rows = tf.shape(tokens)[0] // tf.shape(context["grid"])[0]
-        grid, projected = (tf.repeat(context[key], rows, axis=0) for key in ("grid", "projected"))
-        logits, h, c, _ = reference_step(dec, dec.embedding(tokens), *state, grid, projected)
+    def step(tokens, state, context):
+        rows = per_row(context, tokens)  # one context row per caption, as the plain step read it
+        logits, h, c, _ = reference_step(dec, dec.embedding(tokens), *state, rows["grid"], rows["projected"])
         return tf.nn.log_softmax(logits), (h, c)
     return step
 

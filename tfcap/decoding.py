@@ -142,8 +142,8 @@ def beam_search(
     alive_sum = tf.where(token == end_id, _NEG_INF, top_sum)
     state = tf.nest.map_structure(lambda x: tf.repeat(x, k, axis=0), state)
 
-    # The loop runs on the n images still in play, image i's beams in rows i*K .. i*K + K-1 of tokens,
-    # state and context. Images leave once settled: their finished caption is final (the bound is
+    # The loop runs on the n images still in play, image i's beams in rows i*K .. i*K + K-1 of tokens
+    # and state, its context in row i. Images leave once settled: their finished caption is final (the bound is
     # exact), and the search's cost follows the images still open (with a length penalty the bound is
     # loose: a batch of 64 Flickr8k images takes 15-16 steps, and a third of its rows were settled).
     def cond(t, tokens, state, context, images, alive_seq, alive_sum, *finished):

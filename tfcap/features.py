@@ -89,8 +89,8 @@ def build_features(records_dir: Path, split: str, encoder, with_grid: bool, *, c
 
     encoded = (inputs.image_batches(records_dir, split, encoder.preprocess, batch_size)
                .map(encode))  # sequential: the encoder itself uses every core
-    what = f"{split} images" + (", mirrored," if mirrored else "")
-    with (progress_bar(count, f"encoding {what.rstrip(',')}", show_progress) as advance, _sigterm_as_exit(),
+    what = f"{split} images" + (" (mirrored)" if mirrored else "")
+    with (progress_bar(count, f"encoding {what}", show_progress) as advance, _sigterm_as_exit(),
           atomic_directory(entry, overwrite=True) as scratch):
         try:
             _save_batches(encoded, scratch, advance)
