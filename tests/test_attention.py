@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from test_decoding import per_row
 from tfcap import decoder, decoding, model
+from tfcap.errors import TfcapError
 
 VOCAB, LOCATIONS, CHANNELS = 40, 9, 24
 
@@ -173,3 +174,81 @@ def test_runs_from_before_the_projected_grid_keep_their_weights_layout():
         ("lstm_cell/kernel", (8 + 24, 64)), ("lstm_cell/recurrent_kernel", (16, 64)), ("lstm_cell/bias", (64,)),
         ("out_state/kernel", (16, 8)), ("out_state/bias", (8,)), ("out_context/kernel", (24, 8)),
         ("out_context/bias", (8,)), ("logits/kernel", (8, VOCAB)), ("logits/bias", (VOCAB,))]
+
+
+def step_and_teacher_forcing(dec, grids, tokens):
+    """(log-probs [N, V] and h [N, units] of one step from the initial state, logits [N, T, V] by teacher forcing)."""
+    state, context = dec.initial_state({"grid": grids})
+    log_probs, (h, _) = dec.step_function(context)(tokens[:, 0], state, context)
+    logits, _ = dec({"grid": grids}, tokens)
+    return log_probs.numpy(), h.numpy(), logits.numpy()
+
+
+def test_a_frozen_decoder_captions_as_the_live_one():
+    """Captioning freezes the decoder (model.load_model(inference=True)): the step's weights and the
+    words' LSTM inputs are computed once, at load. In float32 that changes nothing but rounding."""
+    dec = build(context_dim=None)
+    grids = tf.constant(np.random.default_rng(4).normal(size=(5, LOCATIONS, CHANNELS)), tf.float16)
+    tokens = tf.constant(np.random.default_rng(5).integers(4, VOCAB, size=(5, 6)), tf.int32)
+    live = step_and_teacher_forcing(dec, grids, tokens)
+    state, context = dec.initial_state({"grid": grids})
+    searches = (lambda step: decoding.greedy_search(step, state, context, max_length=8),
+                lambda step: decoding.beam_search(step, state, context, beam_size=3, max_length=8))
+    live_captions = [search(dec.step_function(context)) for search in searches]
+    dec.freeze("float32")
+    assert dec.precision == "float32" and dec._frozen["word_inputs"].shape == (VOCAB, 4 * dec.config.units)
+    for got, want in zip(step_and_teacher_forcing(dec, grids, tokens), live):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    state, context = dec.initial_state({"grid": grids})
+    for search, want in zip(searches, live_captions):
+        got = search(dec.step_function(context))
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5)
+    with pytest.raises(TfcapError, match="does not train"):  # no dropout, no training on frozen weights
+        dec({"grid": grids}, tokens, seed=tf.constant([1, 2], tf.int64))
+
+
+def test_a_decoder_frozen_in_bfloat16_computes_its_matmuls_in_bfloat16():
+    dec = build(context_dim=None)
+    grids = tf.constant(np.random.default_rng(6).normal(size=(4, LOCATIONS, CHANNELS)), tf.float16)
+    tokens = tf.constant(np.random.default_rng(7).integers(4, VOCAB, size=(4, 5)), tf.int32)
+    want = step_and_teacher_forcing(dec, grids, tokens)
+    dec.freeze("bfloat16")
+    assert dec.precision == "bfloat16"
+    assert {dec._frozen[k].dtype for k in ("state", "context", "project_grid", "attend_features")} == {tf.bfloat16}
+    got = step_and_teacher_forcing(dec, grids, tokens)
+    for g, w in zip(got, want):
+        assert g.dtype == np.float32 and not np.array_equal(g, w)  # really rounded to bfloat16 on the way
+        # bfloat16 keeps 8 bits of mantissa: log-probs within a few hundredths of float32's
+        np.testing.assert_allclose(g, w, atol=0.05 * max(1.0, np.abs(w).max() / 10))
+    with pytest.raises(TfcapError, match="unknown decoder precision"):
+        dec.freeze("float16")
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """cpu(flags, gpu=False): the machine `decoder.resolve_precision` sees."""
+    from tfcap import encoder
+
+    def machine(flags: set[str], gpu: bool = False):
+        monkeypatch.setattr(encoder, "_cpu_flags", lambda: flags)
+        monkeypatch.setattr(encoder, "gpu_visible", lambda: gpu)
+    return machine
+
+
+def test_auto_decoder_precision_is_bfloat16_only_for_attention_on_a_cpu_with_bfloat16_instructions(cpu):
+    resolve = decoder.resolve_precision
+    cpu({"avx2", "avx512f", "avx512_bf16"})
+    assert [resolve(None, "attention"), resolve("auto", "attention"), resolve("auto", "merge")] == \
+        ["bfloat16", "bfloat16", "float32"]
+    assert resolve("float32", "attention") == "float32" and resolve("bfloat16", "attention") == "bfloat16"
+    with pytest.raises(TfcapError, match="for the attention decoder; this model's is merge"):
+        resolve("bfloat16", "merge")
+    with pytest.raises(TfcapError, match="unknown decoder precision 'half'"):
+        resolve("half", "attention")
+    cpu({"avx2", "avx512f"})  # emulated bfloat16 is slower than float32
+    assert resolve("auto", "attention") == "float32"
+    with pytest.raises(TfcapError, match="needs a GPU or a CPU with bfloat16 instructions"):
+        resolve("bfloat16", "attention")
+    cpu({"avx2"}, gpu=True)  # a GPU's float32 matmuls are fast already; asked for, bfloat16 runs there
+    assert resolve("auto", "attention") == "float32" and resolve("bfloat16", "attention") == "bfloat16"

@@ -312,6 +312,36 @@ def test_attention_run_and_its_savedmodel_give_the_same_captions(zoo, overfitted
     assert rows == read_csv(from_saved) and sum(1 for r in rows if r["caption"]) == 12
 
 
+def test_the_decoder_precision_is_recorded_kept_on_resume_and_fixed_in_a_savedmodel(zoo, overfitted, tmp_path,
+                                                                                    monkeypatch):
+    """An attention run on a CPU with bfloat16 instructions: caption-dir's auto is bfloat16, recorded beside
+    the output; --resume keeps it and refuses float32; export fixes it in the SavedModel, which refuses another."""
+    from tfcap import caption, encoder, export
+    from tfcap.errors import TfcapError
+
+    monkeypatch.setattr(encoder, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})  # emulated elsewhere: still right
+    monkeypatch.setattr(encoder, "gpu_visible", lambda: False)
+    root, _ = zoo
+    run = overfitted("attention")
+    out, full = tmp_path / "out.csv", tmp_path / "float32.csv"
+    caption_dir(root, "-o", out, "--model", run, "--batch-size", "3")
+    assert json.loads(caption.settings_path(out).read_text())["decoder_precision"] == "bfloat16"
+    caption_dir(root, "-o", full, "--model", run, "--batch-size", "3", "--decoder-precision", "float32")
+    assert json.loads(caption.settings_path(full).read_text())["decoder_precision"] == "float32"
+    assert [r["caption"] for r in read_csv(out)] == [r["caption"] for r in read_csv(full)]
+    result = caption_dir(root, "-o", out, "--model", run, "--resume", "--decoder-precision", "float32", ok=False)
+    assert result.exit_code == 2 and "Error: --decoder-precision float32 differs from the bfloat16" in result.output
+
+    saved = export.export(run, tmp_path / "saved", beam_size=3)
+    assert export.load_predictor(saved).settings["decoder_precision"] == "bfloat16"
+    with pytest.raises(TfcapError, match="exported with decoder precision bfloat16; re-export to use float32"):
+        export.load_predictor(saved, decoder_precision="float32")
+    assert export.load_predictor(saved, decoder_precision="auto").settings["decoder_precision"] == "bfloat16"
+    result = caption_dir(root, "-o", tmp_path / "merge.csv", "--decoder-precision", "bfloat16", "--model",
+                         overfitted("merge"), ok=False)
+    assert result.exit_code == 2 and "is for the attention decoder; this model's is merge" in result.output
+
+
 def test_bfloat16_encoder_at_caption_time_and_its_savedmodel(zoo, tiny_run, tmp_path):
     """--precision mixed_bfloat16 runs the encoder in bfloat16 (features float32, close to float32's);
     a SavedModel keeps the precision it was exported with and refuses another."""
@@ -397,8 +427,8 @@ def test_a_process_loads_a_model_once_until_its_files_change(tiny_run, tmp_path,
     monkeypatch.setattr(export, "_LOADED", OrderedDict())
     loads = []
 
-    def fake_module(run_dir, decoding, precision, labels=None):
-        loads.append((run_dir.name, decoding.beam_size, precision, labels))
+    def fake_module(run_dir, decoding, precision, labels=None, decoder_precision=None):
+        loads.append((run_dir.name, decoding.beam_size, precision, labels, decoder_precision))
         return SimpleNamespace(settings=json.dumps({"labels": 0}))
 
     monkeypatch.setattr(export, "serving_module", fake_module)
@@ -409,12 +439,15 @@ def test_a_process_loads_a_model_once_until_its_files_change(tiny_run, tmp_path,
         runs.append(tmp_path / name)
     first = export.load_predictor(runs[0])
     assert export.load_predictor(runs[0])._owner is first._owner and len(loads) == 1  # the same model, once
+    assert export.load_predictor(runs[0], decoder_precision="auto")._owner is first._owner  # auto: the default
+    export.load_predictor(runs[0], decoder_precision="float32")
+    assert loads.pop() == ("a", 3, None, None, "float32") and len(loads) == 1
     export.load_predictor(runs[0], beam_size=1)
     export.load_predictor(runs[0], labels=2)
     export.load_predictor(runs[0], precision="mixed_bfloat16")
-    assert loads[1:] == [("a", 1, None, None), ("a", 3, None, 2), ("a", 3, "mixed_bfloat16", None)]
+    assert loads[1:] == [("a", 1, None, None, None), ("a", 3, None, 2, None), ("a", 3, "mixed_bfloat16", None, None)]
     (runs[0] / "decoding.json").write_text('{"beam_size": 2}')  # a file more: loaded anew, its decoding read
-    assert export.load_predictor(runs[0])._owner is not first._owner and loads[-1] == ("a", 2, None, None)
+    assert export.load_predictor(runs[0])._owner is not first._owner and loads[-1] == ("a", 2, None, None, None)
     export._LOADED.clear()
     export.load_predictor(runs[0])
     (runs[0] / "config.json").write_text("{}")  # rewritten with the same bytes: loaded anew, in the old one's place

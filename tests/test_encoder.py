@@ -277,7 +277,7 @@ def test_resolve_precision(monkeypatch):
     assert resolve_precision("float32") == "float32" and resolve_precision("mixed_float16") == "mixed_float16"
     with pytest.raises(TfcapError, match="unknown precision"):
         resolve_precision("float16")
-    monkeypatch.setattr(enc, "_gpu_visible", lambda: False)
+    monkeypatch.setattr(enc, "gpu_visible", lambda: False)
     monkeypatch.setattr(enc, "_cpu_flags", lambda: {"avx2", "avx512f"})
     with pytest.raises(TfcapError, match="bfloat16 instructions"):
         resolve_precision("mixed_bfloat16")

@@ -124,7 +124,7 @@ def test_beam_gives_the_rows_of_the_local_engine(beam_world, tmp_path, mode, mon
         assert exports == []
     else:  # exported with the local engine's decoding, into a temporary folder that is gone afterwards
         assert exports == [(run, {"beam_size": 3, "length_penalty": 0.0, "no_repeat_ngram": 0, "labels": None,
-                                  "precision": None})]
+                                  "precision": None, "decoder_precision": None})]
         assert not written[0].exists()
     rows = [row for part in parts(out) for row in read_csv(part)]
     assert_same_rows(rows, local_rows)

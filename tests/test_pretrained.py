@@ -88,8 +88,16 @@ def test_commands_use_the_bundled_model_without_model_option(photos, tmp_path):
     result = runner.invoke(main, ["caption", str(photos / "p0.jpg")])
     row = implicit[1]
     fields = ("caption", "score", "confidence", "in_domain", "typicality", "labels")
-    assert result.exit_code == 0 and result.output.strip() == "\t".join([str(photos / "p0.jpg"),
-                                                                        *(row[f] for f in fields)])
+    assert result.exit_code == 0
+    path, *got = result.output.strip().split("\t")
+    assert path == str(photos / "p0.jpg") and len(got) == len(fields)
+    for field, value in zip(fields, got):
+        if field in ("score", "confidence", "typicality"):
+            # One image alone against three in a batch: the decoder's bfloat16 matmuls (auto, on CPUs with
+            # bfloat16 instructions) round sums that a batch's arithmetic orders differently: the last decimal.
+            assert abs(float(value) - float(row[field])) <= 2e-4, (field, value, row[field])
+        else:
+            assert value == row[field], (field, value, row[field])
     assert row["labels"].count(";") == 2  # the bundled model's classifier: 3 labels per row
 
     result = runner.invoke(main, ["models"])

@@ -165,8 +165,8 @@ def test_resume_continues_with_the_recorded_decoding_and_refuses_another(tmp_pat
                 "labels": 3, "max_pixels": 100, "min_confidence": None}
     caption.settings_path(out).write_text(json.dumps(recorded))
     given = dict.fromkeys(caption.SETTINGS)
-    assert caption.resumed_settings(out, given) == recorded
-    assert caption.resumed_settings(out, {**given, "beam_size": 3}) == recorded
+    assert caption.resumed_settings(out, given) == {**recorded, "decoder_precision": "float32"}
+    assert caption.resumed_settings(out, {**given, "beam_size": 3}) == {**recorded, "decoder_precision": "float32"}
     for name, value, option in [("beam_size", 1, "--beam-size 1"), ("length_penalty", 0.5, "--length-penalty 0.5"),
                                 ("model", "/other", "--model /other"), ("max_pixels", 5, "--max-pixels 5"),
                                 ("no_repeat_ngram", 0, "--no-repeat-ngram 0"), ("labels", 0, "--labels 0"),
@@ -174,6 +174,10 @@ def test_resume_continues_with_the_recorded_decoding_and_refuses_another(tmp_pat
         with pytest.raises(TfcapError, match=f"^{option} differs from the .* that {out} was begun with"):
             caption.resumed_settings(out, {**given, name: value})
     assert caption.settings_path(out).name == ".out.csv.settings.json"
+    # begun before the decoder's precision was recorded: its rows are float32's, and so are the rest
+    assert caption.resumed_settings(out, given)["decoder_precision"] == "float32"
+    with pytest.raises(TfcapError, match="^--decoder-precision bfloat16 differs from the float32"):
+        caption.resumed_settings(out, {**given, "decoder_precision": "bfloat16"})
 
 
 def test_rows_cut_on_disk_parse_as_csv_does_after_resume(tmp_path):

@@ -245,8 +245,8 @@ def complete_length(data: str | bytes, fmt: str) -> int:
     return end
 
 
-SETTINGS = ("model", "beam_size", "length_penalty", "no_repeat_ngram", "precision", "labels", "max_pixels",
-            "min_confidence")  # what makes a row
+SETTINGS = ("model", "beam_size", "length_penalty", "no_repeat_ngram", "precision", "decoder_precision", "labels",
+            "max_pixels", "min_confidence")  # what makes a row
 
 
 def settings_path(out: Path) -> Path:
@@ -265,7 +265,8 @@ def decoding_settings(model, predictor, config: CaptionConfig) -> dict:
     return {"model": model_location(model), "beam_size": predictor.settings["beam_size"],
             "length_penalty": predictor.settings["length_penalty"],
             "no_repeat_ngram": predictor.settings.get("no_repeat_ngram", 0),
-            "precision": predictor.settings["encoder_precision"], "labels": predictor.labels,
+            "precision": predictor.settings["encoder_precision"],
+            "decoder_precision": predictor.settings.get("decoder_precision", "float32"), "labels": predictor.labels,
             "max_pixels": config.max_pixels, "min_confidence": config.min_confidence}
 
 
@@ -284,6 +285,8 @@ def resumed_settings(out: Path, given: dict) -> dict:
     with the recorded ones where not given. Raises TfcapError naming the option of a given setting
     that differs from the recorded one: a file must not mix two decodings."""
     recorded = begun_settings(out) or {}
+    if recorded:  # begun before the decoder's precision was an option: its rows are float32's
+        recorded.setdefault("decoder_precision", "float32")
     for name, value in given.items():
         if value is not None and name in recorded and value != recorded[name]:
             raise TfcapError(f"--{name.replace('_', '-')} {value} differs from the {recorded[name]} that {out} was "

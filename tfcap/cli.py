@@ -7,6 +7,7 @@ after click has parsed its arguments: `--help`, a usage error and `tfcap models`
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from pathlib import Path
@@ -263,7 +264,11 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
         cache_dir=cache_dir, overwrite=overwrite, show_progress=not quiet, cluster_timeout=cluster_timeout)
 
 
-def _precision_option(f):
+def _precision_option(f, decoder_default: str = "auto"):
+    f = click.option("--decoder-precision", type=click.Choice(["auto", "float32", "bfloat16"]), default=None,
+                     help=f"The attention decoder's matmuls (default: {decoder_default}). auto: bfloat16 on a CPU with "
+                          "AVX512-BF16 or AMX (its steps about 1.7x faster; captions can differ in rare cases), "
+                          "float32 elsewhere.")(f)
     return click.option("--precision", type=click.Choice(_PRECISIONS), default=None,
                         help="The encoder's precision (default: the run's). mixed_bfloat16 encodes Xception 1.3x "
                              "to 1.9x faster on CPUs with AMX or AVX512-BF16; captions can differ in rare cases.")(f)
@@ -355,7 +360,7 @@ def _default_model(ctx, param, value):
 @click.option("--verbose", is_flag=True, help="With --engine beam: show the runner's and its workers' logs.")
 @click.argument("pipeline_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- BEAM_OPTION...]")
 def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, no_repeat_ngram, precision,
-                        label_count, no_labels, fmt, batch_size, max_pixels, no_recursive, gallery_path, strict,
+                        decoder_precision, label_count, no_labels, fmt, batch_size, max_pixels, no_recursive, gallery_path, strict,
                         min_confidence, resume, overwrite, quiet, engine, runner, verbose, pipeline_args):
     """Caption every image under IMAGES (jpg, png, gif, bmp, webp) into a CSV (--engine beam: a folder of parts)."""
     import dataclasses
@@ -381,7 +386,8 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
         result = engine_module.caption_directory(
             images_dir, out, model_path, config, engine_module.BeamConfig(runner, tuple(pipeline_args), verbose),
             fmt=fmt, overwrite=overwrite, beam_size=beam_size, length_penalty=length_penalty,
-            no_repeat_ngram=no_repeat_ngram, labels=label_count, precision=precision)
+            no_repeat_ngram=no_repeat_ngram, labels=label_count, precision=precision,
+            decoder_precision=decoder_precision)
         if strict and result["failed"]:
             sys.exit(1)
         return
@@ -407,14 +413,16 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
         settings = caption.resumed_settings(out, {
             "model": caption.model_location(model_path) if model_given else None, "beam_size": beam_size,
             "length_penalty": length_penalty, "no_repeat_ngram": no_repeat_ngram, "precision": precision,
-            "labels": label_count, "max_pixels": max_pixels, "min_confidence": min_confidence})
+            "decoder_precision": None if decoder_precision == "auto" else decoder_precision, "labels": label_count, "max_pixels": max_pixels, "min_confidence": min_confidence})
         model_path = settings["model"] or model_path
         beam_size, length_penalty, precision = settings["beam_size"], settings["length_penalty"], settings["precision"]
         no_repeat_ngram, label_count = settings["no_repeat_ngram"], settings["labels"]
+        decoder_precision = settings["decoder_precision"]
         config = dataclasses.replace(config, max_pixels=settings["max_pixels"] or config.max_pixels,
                                      min_confidence=settings["min_confidence"])
     predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
-                                      no_repeat_ngram=no_repeat_ngram, labels=label_count, precision=precision)
+                                      no_repeat_ngram=no_repeat_ngram, labels=label_count, precision=precision,
+                                      decoder_precision=decoder_precision)
     if min_confidence is not None and not predictor.settings.get("confidence"):
         raise TfcapError(f"--min-confidence: {model_path} has no fitted confidence (tfcap fit-confidence RUN_DIR RECORDS, "
                          "then export again)")
@@ -433,8 +441,8 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
 @main.command("caption")
 @click.argument("image_paths", metavar="IMAGE...", type=PathArg, nargs=-1, required=True)
 @_decoding_options
-def caption_command(image_paths, model_path, beam_size, length_penalty, no_repeat_ngram, precision, label_count,
-                    no_labels):
+def caption_command(image_paths, model_path, beam_size, length_penalty, no_repeat_ngram, precision,
+                    decoder_precision, label_count, no_labels):
     """Print PATH<TAB>CAPTION<TAB>SCORE<TAB>LABELS for a few images (errors go to stderr, exit 1)."""
     from tfcap import caption, export, rows
 
@@ -443,7 +451,7 @@ def caption_command(image_paths, model_path, beam_size, length_penalty, no_repea
         raise TfcapError(f"{folder} is a folder; use tfcap caption-dir {folder} -o captions.csv")
     predictor = export.load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
                                       no_repeat_ngram=no_repeat_ngram, labels=_label_count(label_count, no_labels),
-                                      precision=precision)
+                                      precision=precision, decoder_precision=decoder_precision)
     config = caption.CaptionConfig(beam_size=beam_size or 3, length_penalty=length_penalty or 0.0)
     failed = 0
     for row in caption.iter_captions(predictor, list(image_paths), config):
@@ -461,11 +469,12 @@ def caption_command(image_paths, model_path, beam_size, length_penalty, no_repea
 @click.option("-o", "--out", type=LocationArg, required=True,
               help="SavedModel folder to write (or gs://...: for the workers of caption-dir --engine beam).")
 @_search_options
-@_precision_option
+@functools.partial(_precision_option, decoder_default="auto, resolved on this machine; float32 for a SavedModel to "
+                   "serve on CPUs without bfloat16 instructions")
 @_labels_options
 @click.option("--overwrite", is_flag=True)
-def export_command(run_dir, out, beam_size, length_penalty, no_repeat_ngram, precision, label_count, no_labels,
-                   overwrite):
+def export_command(run_dir, out, beam_size, length_penalty, no_repeat_ngram, precision, decoder_precision, label_count,
+                   no_labels, overwrite):
     """Export RUN_DIR (default: the bundled model) as a SavedModel: image bytes in, captions, scores and labels out."""
     import dataclasses
 
@@ -477,7 +486,7 @@ def export_command(run_dir, out, beam_size, length_penalty, no_repeat_ngram, pre
     decoding = export.run_decoding(run_dir, beam_size, length_penalty, no_repeat_ngram)
     clock = Stopwatch()
     export.export(run_dir, output, **dataclasses.asdict(decoding), labels=label_count, precision=precision,
-                  overwrite=overwrite)
+                  decoder_precision=decoder_precision, overwrite=overwrite)
     labels = export.run_labels(run_dir, label_count)
     summary(f"export: {run_dir} -> {out} (beam size {decoding.beam_size}, length penalty {decoding.length_penalty:g}, "
             f"no repeated {decoding.no_repeat_ngram}-grams, {labels} labels) in {clock.seconds:.1f} s")
@@ -522,7 +531,8 @@ def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, 
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate_command(records_dir, model_path, predictions, references, human_baseline, split, beam_size,
-                     length_penalty, no_repeat_ngram, precision, batch_size, no_meteor, out, overwrite, quiet):
+                     length_penalty, no_repeat_ngram, precision, decoder_precision, batch_size, no_meteor, out, overwrite,
+                     quiet):
     """Score captions with BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (coco-caption definitions).
 
     \b
@@ -547,7 +557,8 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
                                                       "predictions file": predictions, "references": references})
     if model_path:
         result = evaluate.run_model(model_path, records_dir, split, beam_size=beam_size, length_penalty=length_penalty,
-                                    no_repeat_ngram=no_repeat_ngram, precision=precision, batch_size=batch_size,
+                                    no_repeat_ngram=no_repeat_ngram, precision=precision,
+                                    decoder_precision=decoder_precision, batch_size=batch_size,
                                     meteor=not no_meteor, show_progress=not quiet)
     else:
         refs_path = references or records_dir
@@ -583,7 +594,8 @@ def evaluate_command(records_dir, model_path, predictions, references, human_bas
 @click.option("--max-pixels", type=_POSITIVE, default=None, help="Refuse images whose header declares more pixels.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def score_command(pairs, out, images_dir, model_path, precision, batch_size, max_pixels, overwrite, quiet):
+def score_command(pairs, out, images_dir, model_path, precision, decoder_precision, batch_size, max_pixels, overwrite,
+                  quiet):
     """The confidence of given image-caption pairs: PAIRS is a CSV (or JSON Lines) with an image column
     (path, image, file or filename) and a caption column."""
     from tfcap import export, scoring
@@ -591,7 +603,7 @@ def score_command(pairs, out, images_dir, model_path, precision, batch_size, max
     output = _claim(out, overwrite=overwrite, inputs={"pairs file": pairs, "images folder": images_dir,
                                                       "model": model_path})
     scoring.read_pairs(pairs)  # a wrong file fails before the model loads
-    predictor = export.load_predictor(model_path, precision=precision)
+    predictor = export.load_predictor(model_path, precision=precision, decoder_precision=decoder_precision)
     scoring.score_pairs(predictor, pairs, output, images_dir=images_dir, batch_size=batch_size, max_pixels=max_pixels,
                         overwrite=overwrite, show_progress=not quiet)
 

@@ -154,6 +154,7 @@ def log_probs_given_one_image(decoder, features: dict[str, tf.Tensor], ids: tf.T
     targets = tf.where(tf.range(tf.shape(padded)[1])[None, :] == lengths[:, None], text.END_ID, padded)
     state, context = decoder.initial_state(features)  # one row: the state of the empty prefix
     vocab = tf.cast(decoder.vocab_size, tf.int64)
+    step = decoder.step_function(context)
 
     def body(t, state, prefix, sums):
         """prefix tf.int64 [B]: each caption's row of `state`, the state after its first t tokens."""
@@ -161,7 +162,7 @@ def log_probs_given_one_image(decoder, features: dict[str, tf.Tensor], ids: tf.T
         token = tf.gather(inputs[:, t], running)
         # A prefix of t + 1 tokens: the row of its first t, and its last.
         extended, row = tf.unique(tf.gather(prefix, running) * vocab + tf.cast(token, tf.int64))
-        log_probs, state = decoder.step(tf.cast(extended % vocab, tf.int32),
+        log_probs, state = step(tf.cast(extended % vocab, tf.int32),
                                         tf.nest.map_structure(lambda s: tf.gather(s, extended // vocab), state),
                                         context)
         chosen = tf.gather_nd(tf.cast(log_probs, tf.float32),

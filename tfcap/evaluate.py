@@ -210,14 +210,15 @@ def write_results(out: Path | Output, result: Evaluation, overwrite: bool = Fals
 
 
 def run_model(model_path: Path, records_dir: Path, split: str, *, beam_size: int | None, length_penalty: float | None,
-              batch_size: int, no_repeat_ngram: int | None = None, precision: str | None = None, meteor: bool,
-              show_progress: bool) -> Evaluation:
+              batch_size: int, no_repeat_ngram: int | None = None, precision: str | None = None,
+              decoder_precision: str | None = None, meteor: bool, show_progress: bool) -> Evaluation:
     """Caption a records split with a run directory or SavedModel and score it (no labels: nothing scores them)."""
     from tfcap.export import load_predictor
 
     records.shard_paths(records_dir, split)  # a wrong folder or split fails before the model loads
     predictor = load_predictor(model_path, beam_size=beam_size, length_penalty=length_penalty,
-                               no_repeat_ngram=no_repeat_ngram, labels=0, precision=precision)
+                               no_repeat_ngram=no_repeat_ngram, labels=0, precision=precision,
+                               decoder_precision=decoder_precision)
     clock = Stopwatch()
     hypotheses = caption_split(predictor, records_dir, split, batch_size, show_progress)
     seconds = clock.seconds

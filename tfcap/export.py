@@ -65,6 +65,7 @@ class ServingModule(tf.Module):
                                     "classifier": captioner.classifier is not None,
                                     "confidence": captioner.assessor is not None, "image_size": size,
                                     "encoder_precision": captioner.encoder.precision,
+                                    "decoder_precision": captioner.decoder.precision,
                                     "model": captioner.config.to_dict()})
         self._feature_keys = captioner.output_feature_keys(self._labels)
         grid_h, grid_w = captioner.encoder.grid_shape
@@ -113,14 +114,17 @@ class ServingModule(tf.Module):
 DECODING = pretrained.DECODING
 
 
-def serving_module(run_dir: Path, decoding: Decoding, precision: str | None, labels: int | None = None) -> ServingModule:
-    """RUN_DIR's captioner for captioning only: BatchNorm folded into the encoder (encoder.fold_batch_norm)."""
-    return ServingModule(models.load_model(run_dir, encoder_precision=precision, inference=True), decoding, labels)
+def serving_module(run_dir: Path, decoding: Decoding, precision: str | None, labels: int | None = None,
+                   decoder_precision: str | None = None) -> ServingModule:
+    """RUN_DIR's captioner for captioning only: BatchNorm folded into the encoder (encoder.fold_batch_norm),
+    the decoder frozen, its matmuls in `decoder_precision` (None: auto; `decoder.resolve_precision`)."""
+    return ServingModule(models.load_model(run_dir, encoder_precision=precision, inference=True,
+                                           decoder_precision=decoder_precision), decoding, labels)
 
 
 def export(run_dir: Path, out: Path | str | Output, *, beam_size: int | None = None,
            length_penalty: float | None = None, no_repeat_ngram: int | None = None, labels: int | None = None,
-           precision: str | None = None, overwrite: bool = False) -> Path | str:
+           precision: str | None = None, decoder_precision: str | None = None, overwrite: bool = False) -> Path | str:
     """Write RUN_DIR's captioner as a SavedModel at `out`; return its location.
 
     A local `out` (or an `outputs.Output` the caller claimed) is locked for the export and written
@@ -132,10 +136,12 @@ def export(run_dir: Path, out: Path | str | Output, *, beam_size: int | None = N
     an export captions as caption-dir does with the run). labels: ImageNet labels per image in its
     outputs (default `labels.DEFAULT_COUNT`; 0 for none; fixed in the SavedModel, a reader may ask
     for fewer). precision: the encoder's dtype policy in the SavedModel (default: the run's; see
-    model.load_model).
+    model.load_model). decoder_precision: of the decoder's matmuls (`decoder.resolve_precision`; default auto,
+    resolved on this machine, so that the SavedModel captions as the run does here); "float32" for a
+    SavedModel to serve on machines without bfloat16 instructions, where emulated bfloat16 is slower.
     """
     module = serving_module(run_dir, run_decoding(run_dir, beam_size, length_penalty, no_repeat_ngram), precision,
-                            labels)
+                            labels, decoder_precision)
     if is_url(out):
         if tf.io.gfile.exists(out):
             if not overwrite:
@@ -240,9 +246,10 @@ def run_labels(run_dir: Path, labels: int | None = None) -> int:
 
 def load_predictor(path: Path | str | None = None, *, beam_size: int | None = None, length_penalty: float | None = None,
                    no_repeat_ngram: int | None = None, labels: int | None = None,
-                   precision: str | None = None) -> Predictor:
+                   precision: str | None = None, decoder_precision: str | None = None) -> Predictor:
     """A predictor over a run directory (decoding settings and the encoder's precision from the
-    arguments; default as `run_decoding` and the run's precision; labels: per image, default
+    arguments; default as `run_decoding` and the run's precision; the decoder's matmuls in
+    decoder_precision, default auto: `decoder.resolve_precision`; labels: per image, default
     `labels.DEFAULT_COUNT`, 0 for none, none either without a classifier) or an exported SavedModel,
     local or at a URL TensorFlow's file systems read (gs://; all settings fixed at export; asking for
     others, or for more labels than it has, is an error; fewer labels are fine); with no path, over the
@@ -254,13 +261,15 @@ def load_predictor(path: Path | str | None = None, *, beam_size: int | None = No
     if path is None:
         path = pretrained.path()
     asked = {"beam_size": beam_size, "length_penalty": length_penalty, "no_repeat_ngram": no_repeat_ngram,
-             "encoder_precision": precision}
+             "encoder_precision": precision,
+             "decoder_precision": None if decoder_precision == "auto" else decoder_precision}
     if is_url(path):
         return _saved_model_predictor(path, asked, labels)
     path = Path(path)
     if (path / models.CONFIG).is_file():
         decoding = run_decoding(path, beam_size, length_penalty, no_repeat_ngram)
-        module = _loaded(path, (decoding, precision, labels), lambda: serving_module(path, decoding, precision, labels))
+        module = _loaded(path, (decoding, precision, labels, decoder_precision or "auto"),
+                         lambda: serving_module(path, decoding, precision, labels, decoder_precision))
         return Predictor(module, json.loads(module.settings))
     if (path / "saved_model.pb").is_file():
         return _saved_model_predictor(str(path), asked, labels)
@@ -317,6 +326,7 @@ def _saved_model_predictor(location: str, asked: dict, labels: int | None) -> Pr
     settings.setdefault("encoder_precision", settings["model"]["precision"])  # exported before the option
     settings.setdefault("no_repeat_ngram", 0)  # exported before n-gram blocking: it had none
     settings.setdefault("labels", 0)  # exported before labels: none (its "classifier" is unknown)
+    settings.setdefault("decoder_precision", "float32")  # exported before the option
     for name, value in asked.items():
         if value is not None and value != settings[name]:
             raise TfcapError(f"{location} was exported with {name.replace('_', ' ')} {settings[name]}; "

@@ -88,9 +88,10 @@ class SelfCritical:
         # Rows b*K .. b*K + K-1 of the state are image b's samples; they share its context row (a
         # decoder's step reads one context row per K consecutive state rows): no K copies of a grid.
         tile = lambda x: tf.repeat(x, self.samples, axis=0)  # noqa: E731
-        sampled, lengths = decoding.sample_search(decoder.step, tf.nest.map_structure(tile, state), context,
+        step = decoder.step_function(context)
+        sampled, lengths = decoding.sample_search(step, tf.nest.map_structure(tile, state), context,
                                                   max_length=self.max_tokens, seed=seed)
-        greedy, _, greedy_lengths = decoding.greedy_search(decoder.step, state, context, max_length=self.max_tokens)
+        greedy, _, greedy_lengths = decoding.greedy_search(step, state, context, max_length=self.max_tokens)
         return sampled, lengths, greedy, greedy_lengths
 
     def _gradient(self, feats, sampled, lengths, advantages, rewards, greedy_rewards):

@@ -74,7 +74,8 @@ def main() -> None:
                     "no_repeat_ngram": args.no_repeat_ngram}
         (bundle / DECODING).write_text(json.dumps(decoding) + "\n")
 
-        full_model, half_model = models.load_model(args.run_dir), models.load_model(bundle)
+        # As captioning runs them (frozen, the decoder's matmuls in auto precision: bfloat16 on CPUs with AVX512-BF16).
+        full_model, half_model = (models.load_model(path, inference=True) for path in (args.run_dir, bundle))
         batches = cached_batches(full_model, args.records, "val")
         full = decode(full_model, batches, args.beam_size, args.length_penalty, args.no_repeat_ngram)
         half = decode(half_model, batches, args.beam_size, args.length_penalty, args.no_repeat_ngram)
@@ -85,7 +86,8 @@ def main() -> None:
                                     meteor=True, show_progress=False)
         scores = {k: v for k, v in result.scores.items() if isinstance(v, float)}
         card = {"name": args.name, "summary": args.summary, "test_split": f"Flickr8k test, {result.images_scored} images",
-                "test_scores": scores, "decoding": decoding, "float16_val_captions_changed": differ,
+                "test_scores": scores, "decoding": decoding, "decoder_precision": full_model.decoder.precision,
+                "float16_val_captions_changed": differ,
                 "licence": LICENCE, "trained_from": saved["train"], "built_by": "tools/build_default_model.sh"}
         if confidence.exists(bundle):  # what its fit measured on val (tools/bench_confidence.py measures test)
             fitted = json.loads((bundle / confidence.CONFIG).read_text())

@@ -2,6 +2,7 @@
 of each setting.
 
     python tools/choose_decoding.py RUN_DIR RECORDS [--beams 1 3 5] [--penalties 0 0.5 1] [--no-repeat-ngrams 0 2 3]
+                                    [--decoder-precision auto|float32|bfloat16]
 
 Decodes the val images' cached features (the training feature cache: each image is encoded once,
 not once per setting) with every combination and scores them as `tfcap evaluate` does (coco-caption
@@ -10,12 +11,15 @@ a 2-gram and a 3-gram, and, last, the chosen one, as the decoding.json to write:
 whose best CIDEr-D is within --tolerance (default 0.001, below the noise of 1,000 images) of the
 best overall, so that a wider beam must earn its decoding time, and that beam's best penalty and
 blocking. --no-repeat-ngrams 0 (the default) tries no blocking, as before the option existed.
+The decoder is the one captioning runs (`model.load_model(inference=True)`: frozen, its matmuls in
+--decoder-precision, auto by default as caption-dir's).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from tfcap import decoder as decoders, encoder as encoders, features, inputs, metrics, model as models
@@ -55,9 +59,11 @@ def main() -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--tolerance", type=float, default=0.001)
+    parser.add_argument("--decoder-precision", default="auto", choices=["auto", "float32", "bfloat16"])
     args = parser.parse_args()
 
-    captioner = models.load_model(args.run_dir)
+    captioner = models.load_model(args.run_dir, inference=True, decoder_precision=args.decoder_precision)
+    print(f"decoder matmuls in {captioner.decoder.precision}", file=sys.stderr, flush=True)
     batches = cached_batches(captioner, args.records, args.split, args.cache_dir)
     references = {image_id: [metrics.ptb_tokenize(r.decode("utf-8")) for r in refs]
                   for _, captions, image_ids in batches for image_id, refs in zip(image_ids.numpy(), captions.to_list())}

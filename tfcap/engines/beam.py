@@ -215,8 +215,8 @@ def _prepare_model(model, options: dict, scratch: Path) -> tuple[str, float]:
     """The SavedModel location the workers load, and the seconds spent exporting it (0 if none).
 
     options: `export.load_predictor`'s keyword arguments (beam_size, length_penalty, no_repeat_ngram,
-    labels, precision), None where not given. A run directory is exported into `scratch` with the
-    decoding and labels the local engine would use; a SavedModel given with any of them is loaded here
+    labels, precision, decoder_precision), None where not given. A run directory is exported into `scratch`
+    with the decoding, labels and precisions the local engine would use; a SavedModel given with any of them is loaded here
     once, so a mismatch is one line now and not an exception in every worker later.
     """
     if not _is_run_directory(model):
@@ -227,7 +227,7 @@ def _prepare_model(model, options: dict, scratch: Path) -> tuple[str, float]:
     decoding = export.run_decoding(model, options["beam_size"], options["length_penalty"],
                                    options["no_repeat_ngram"])  # as the local engine
     location = export.export(model, scratch / "model", **dataclasses.asdict(decoding), labels=options["labels"],
-                             precision=options["precision"])
+                             precision=options["precision"], decoder_precision=options["decoder_precision"])
     return str(location), clock.seconds
 
 
@@ -362,7 +362,7 @@ def caption_directory(images_dir, out, model, config: caption.CaptionConfig = ca
                       beam_config: BeamConfig = BeamConfig(), *, fmt: str | None = None, overwrite: bool = False,
                       beam_size: int | None = None, length_penalty: float | None = None,
                       no_repeat_ngram: int | None = None, labels: int | None = None,
-                      precision: str | None = None) -> dict:
+                      precision: str | None = None, decoder_precision: str | None = None) -> dict:
     """Caption every image under `images_dir` into the shards `out`/part-SSSSS-of-NNNNN.csv with one
     Beam pipeline; return counts and timing.
 
@@ -397,7 +397,8 @@ def caption_directory(images_dir, out, model, config: caption.CaptionConfig = ca
                 "model": None if export.is_url(model) else Path(model)})
         location, export_seconds = _prepare_model(model, {"beam_size": beam_size, "length_penalty": length_penalty,
                                                           "no_repeat_ngram": no_repeat_ngram, "labels": labels,
-                                                          "precision": precision}, scratch)
+                                                          "precision": precision,
+                                                          "decoder_precision": decoder_precision}, scratch)
         local_root = str(images_dir) if export.is_url(images_dir) else str(Path(images_dir).resolve())
 
         def run(target: str) -> None:
