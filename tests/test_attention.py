@@ -219,8 +219,8 @@ def test_a_decoder_frozen_in_bfloat16_computes_its_matmuls_in_bfloat16():
     got = step_and_teacher_forcing(dec, grids, tokens)
     for g, w in zip(got, want):
         assert g.dtype == np.float32 and not np.array_equal(g, w)  # really rounded to bfloat16 on the way
-        # bfloat16 keeps 8 bits of mantissa: log-probs within a few hundredths of float32's
-        np.testing.assert_allclose(g, w, atol=0.05 * max(1.0, np.abs(w).max() / 10))
+        # bfloat16 keeps 8 bits of mantissa (0.4%): within a few percent of float32's scale after a few steps
+        np.testing.assert_allclose(g, w, rtol=0.03, atol=0.03 * np.abs(w).max())
     with pytest.raises(TfcapError, match="unknown decoder precision"):
         dec.freeze("float16")
 

@@ -79,9 +79,9 @@ def test_decoding_option_help_shows_the_bundled_models_defaults():
     from tfcap.cli import main
 
     chosen = pretrained.decoding()
-    assert chosen == {"beam_size": 1, "length_penalty": 0.0, "no_repeat_ngram": 2}  # the bundled model's decoding
+    assert chosen == {"beam_size": 2, "length_penalty": 1.0, "no_repeat_ngram": 2}  # the bundled model's decoding
     for command in ("caption-dir", "caption", "export", "evaluate"):
         text = " ".join(CliRunner().invoke(main, [command, "--help"], terminal_width=400).output.split())
-        assert "1 is greedy (default: the model's decoding.json, else 3; the bundled model's: 1)" in text, command
-        assert "ranking beams (default: the model's decoding.json, else 0; the bundled model's: 0)" in text, command
+        assert "1 is greedy (default: the model's decoding.json, else 3; the bundled model's: 2)" in text, command
+        assert "ranking beams (default: the model's decoding.json, else 0; the bundled model's: 1)" in text, command
         assert "(default 0)" not in text and "(default 3)" not in text

@@ -1,7 +1,7 @@
 """Captioning throughput: encoder alone vs `caption-dir` vs the notebook way, in one run.
 
     python tools/bench_caption.py speed IMAGES --model RUN_X [--images 200] [--notebook-images 20] [--repeats 3]
-                                        [--precision P] [--beam-size K]
+                                        [--precision P] [--beam-size K] [--decoder-precision D]
     python tools/bench_caption.py fold [--encoder xception] [--batch 32] [--repeats 5] [--precision P]
     python tools/bench_caption.py rss IMAGES --model RUN_DIR [--small 500] [--large 5000]
     python tools/bench_caption.py beam [--vocab 3000] [--batch 32] [--steps 20] [--baseline REV] [--threads N]
@@ -18,7 +18,8 @@ images/s of
       model), then one decoder `model.predict` per generated word (greedy), same decoder weights;
       left out with --notebook-images 0.
 With --precision mixed_bfloat16, (a) and (b) run the encoder in bfloat16
-(`caption-dir --precision`) while the notebook stays in float32, as notebooks do.
+(`caption-dir --precision`) while the notebook stays in float32, as notebooks do. --decoder-precision
+(auto, float32, bfloat16) is (b)'s, as `caption-dir --decoder-precision` (default auto).
 Warm-up runs (tracing) are excluded. Prints each run (with the mean words per caption of (b) and
 (c): the notebook pays one `predict` per word), medians and the ratios (b)/(a), (b)/(c).
 The run to measure is Xception at 299 trained on real captions (random encoder weights are fine
@@ -143,7 +144,8 @@ def speed(args) -> None:
         run = Path(args.model)
         files = link_images(Path(args.images_dir), args.images, work / "images")
         # caption-dir's: the model's own decoding (its decoding.json) unless --beam-size says otherwise
-        predictor = export.load_predictor(run, beam_size=args.beam_size, precision=args.precision)
+        predictor = export.load_predictor(run, beam_size=args.beam_size, precision=args.precision,
+                                          decoder_precision=args.decoder_precision)
         config = predictor.settings["model"]
         # The notebook (c) is the merge architecture in stock Keras layers: it has no attention decoder.
         notebook = args.notebook_images > 0 and config["decoder"]["kind"] == "merge"
@@ -153,7 +155,8 @@ def speed(args) -> None:
         print(f"model: {config['encoder']['name']} at {predictor.settings['image_size']}, vocabulary "
               f"{config['vocab_size']}, {len(files)} images; (b) decodes with beam {predictor.settings['beam_size']}, "
               f"no repeated {predictor.settings.get('no_repeat_ngram', 0)}-gram; "
-              f"(a) and (b) in {predictor.settings['encoder_precision']}"
+              f"(a) and (b) in {predictor.settings['encoder_precision']}, (b)'s decoder matmuls in "
+              f"{predictor.settings['decoder_precision']}"
               + (f", (c) in {captioner.encoder.precision}" if notebook else ""), flush=True)
 
         def encoder_alone(paths) -> float:  # caption-dir's own input pipeline and encoder, nothing after
@@ -384,6 +387,8 @@ def main() -> None:
     parser.add_argument("--precision", default=None, choices=["float32", "mixed_float16", "mixed_bfloat16"],
                         help="speed: the encoder's precision in (a) and (b) (default: the run's; the notebook "
                         "keeps the run's); fold: the encoders' (default float32)")
+    parser.add_argument("--decoder-precision", default=None, choices=["auto", "float32", "bfloat16"],
+                        help="speed: (b)'s decoder matmuls (default: auto, as caption-dir's)")
     parser.add_argument("--threads", type=int, default=0, help="beam: TensorFlow intra- and inter-op threads "
                         "(0: TensorFlow's default; 1 is steadier on a busy machine)")
     parser.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
