@@ -332,7 +332,9 @@ def test_the_decoder_precision_is_recorded_kept_on_resume_and_fixed_in_a_savedmo
     result = caption_dir(root, "-o", out, "--model", run, "--resume", "--decoder-precision", "float32", ok=False)
     assert result.exit_code == 2 and "Error: --decoder-precision float32 differs from the bfloat16" in result.output
 
-    saved = export.export(run, tmp_path / "saved", beam_size=3)
+    saved = tmp_path / "saved"
+    result = CliRunner().invoke(main, ["export", str(run), "-o", str(saved), "--beam-size", "3"])
+    assert result.exit_code == 0 and "decoder matmuls in bfloat16) in" in result.output, result.output
     assert export.load_predictor(saved).settings["decoder_precision"] == "bfloat16"
     with pytest.raises(TfcapError, match="exported with decoder precision bfloat16; re-export to use float32"):
         export.load_predictor(saved, decoder_precision="float32")
@@ -340,6 +342,9 @@ def test_the_decoder_precision_is_recorded_kept_on_resume_and_fixed_in_a_savedmo
     result = caption_dir(root, "-o", tmp_path / "merge.csv", "--decoder-precision", "bfloat16", "--model",
                          overfitted("merge"), ok=False)
     assert result.exit_code == 2 and "is for the attention decoder; this model's is merge" in result.output
+    result = CliRunner().invoke(main, ["export", str(overfitted("merge")), "-o", str(tmp_path / "no"),
+                                       "--decoder-precision", "bfloat16"])
+    assert result.exit_code == 2 and "this model's is merge" in result.output and not (tmp_path / "no").exists()
 
 
 def test_bfloat16_encoder_at_caption_time_and_its_savedmodel(zoo, tiny_run, tmp_path):

@@ -478,10 +478,12 @@ def export_command(run_dir, out, beam_size, length_penalty, no_repeat_ngram, pre
     """Export RUN_DIR (default: the bundled model) as a SavedModel: image bytes in, captions, scores and labels out."""
     import dataclasses
 
-    from tfcap import export
+    from tfcap import decoder, export, model
     from tfcap.progress import Stopwatch, summary
 
     label_count = _label_count(label_count, no_labels)
+    kind = model.read_run_config(run_dir)["model"].get("decoder", {}).get("kind", "merge")
+    matmuls = decoder.resolve_precision(decoder_precision, kind)  # a refusal before anything is written
     output = out if export.is_url(out) else _claim(out, overwrite=overwrite, inputs={"run directory": run_dir})
     decoding = export.run_decoding(run_dir, beam_size, length_penalty, no_repeat_ngram)
     clock = Stopwatch()
@@ -489,7 +491,8 @@ def export_command(run_dir, out, beam_size, length_penalty, no_repeat_ngram, pre
                   decoder_precision=decoder_precision, overwrite=overwrite)
     labels = export.run_labels(run_dir, label_count)
     summary(f"export: {run_dir} -> {out} (beam size {decoding.beam_size}, length penalty {decoding.length_penalty:g}, "
-            f"no repeated {decoding.no_repeat_ngram}-grams, {labels} labels) in {clock.seconds:.1f} s")
+            f"no repeated {decoding.no_repeat_ngram}-grams, {labels} labels, decoder matmuls in {matmuls}) in "
+            f"{clock.seconds:.1f} s")
 
 
 @main.command("gallery")
