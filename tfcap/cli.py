@@ -214,7 +214,8 @@ def build_records_command(data, out, layout, captions_file, images_dir, min_coun
 def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_size, precision, decoder_kind, units,
                   embed_dim, dropout, context_dim, epochs, batch_size, learning_rate, lr_schedule, clip_norm,
                   captions_per_image, augment, eval_every, eval_images, patience, train_encoder, objective, init_run,
-                  samples, baseline, select, seed, strategy, devices, cluster_timeout, cache_dir, resume, overwrite, quiet):
+                  samples, baseline, select, seed, strategy, devices, cluster_timeout, cache_dir, resume, overwrite,
+                  quiet):
     """Train a captioner on RECORDS (from build-records) into RUN_DIR."""
     from tfcap import decoder, encoder as encoders, features, outputs, train
 
@@ -234,8 +235,9 @@ def train_command(records_dir, run_dir, encoder, encoder_weights, alpha, image_s
                   "init_run": "train.init"}
         for name in ("encoder", "encoder_weights", "alpha", "image_size", "precision", "decoder_kind", "units",
                      "embed_dim", "dropout", "context_dim", "epochs", "batch_size", "learning_rate", "lr_schedule",
-                     "clip_norm", "captions_per_image", "augment", "eval_every", "eval_images", "patience", "train_encoder",
-                     "objective", "init_run", "samples", "baseline", "select", "seed", "strategy", "devices"):
+                     "clip_norm", "captions_per_image", "augment", "eval_every", "eval_images", "patience",
+                     "train_encoder", "objective", "init_run", "samples", "baseline", "select", "seed", "strategy",
+                     "devices"):
             if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT,
                                                       click.core.ParameterSource.DEFAULT_MAP):
                 value = ctx.params[name]
@@ -360,8 +362,9 @@ def _default_model(ctx, param, value):
 @click.option("--verbose", is_flag=True, help="With --engine beam: show the runner's and its workers' logs.")
 @click.argument("pipeline_args", nargs=-1, type=click.UNPROCESSED, metavar="[-- BEAM_OPTION...]")
 def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, no_repeat_ngram, precision,
-                        decoder_precision, label_count, no_labels, fmt, batch_size, max_pixels, no_recursive, gallery_path, strict,
-                        min_confidence, resume, overwrite, quiet, engine, runner, verbose, pipeline_args):
+                        decoder_precision, label_count, no_labels, fmt, batch_size, max_pixels, no_recursive,
+                        gallery_path, strict, min_confidence, resume, overwrite, quiet, engine, runner, verbose,
+                        pipeline_args):
     """Caption every image under IMAGES (jpg, png, gif, bmp, webp) into a CSV (--engine beam: a folder of parts)."""
     import dataclasses
 
@@ -413,7 +416,8 @@ def caption_dir_command(images_dir, out, model_path, beam_size, length_penalty, 
         settings = caption.resumed_settings(out, {
             "model": caption.model_location(model_path) if model_given else None, "beam_size": beam_size,
             "length_penalty": length_penalty, "no_repeat_ngram": no_repeat_ngram, "precision": precision,
-            "decoder_precision": None if decoder_precision == "auto" else decoder_precision, "labels": label_count, "max_pixels": max_pixels, "min_confidence": min_confidence})
+            "decoder_precision": None if decoder_precision == "auto" else decoder_precision, "labels": label_count,
+            "max_pixels": max_pixels, "min_confidence": min_confidence})
         model_path = settings["model"] or model_path
         beam_size, length_penalty, precision = settings["beam_size"], settings["length_penalty"], settings["precision"]
         no_repeat_ngram, label_count = settings["no_repeat_ngram"], settings["labels"]
@@ -534,8 +538,8 @@ def gallery_command(predictions, images_dir, out, thumb_size, title, overwrite, 
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate_command(records_dir, model_path, predictions, references, human_baseline, split, beam_size,
-                     length_penalty, no_repeat_ngram, precision, decoder_precision, batch_size, no_meteor, out, overwrite,
-                     quiet):
+                     length_penalty, no_repeat_ngram, precision, decoder_precision, batch_size, no_meteor, out,
+                     overwrite, quiet):
     """Score captions with BLEU-1..4, METEOR, ROUGE-L and CIDEr-D (coco-caption definitions).
 
     \b

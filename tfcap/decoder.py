@@ -39,14 +39,14 @@ def resolve_precision(name: str | None, kind: str) -> str:
     name = name or "auto"
     if name not in PRECISIONS:
         raise TfcapError(f"unknown decoder precision {name!r}: choose one of {', '.join(PRECISIONS)}")
-    native = encoders.cpu_has_bfloat16() and not encoders.gpu_visible()
     if name == "auto":
-        return "bfloat16" if kind == "attention" and native else "float32"
-    if name == "bfloat16" and kind != "attention":
-        raise TfcapError("--decoder-precision bfloat16 is for the attention decoder; this model's is merge: use float32")
-    if name == "bfloat16" and not (native or encoders.gpu_visible()):
-        raise TfcapError("--decoder-precision bfloat16 needs a GPU or a CPU with bfloat16 instructions "
-                         "(avx512_bf16 or amx_bf16), and this machine has neither: use float32")
+        return "bfloat16" if kind == "attention" and not encoders.gpu_visible() and encoders.cpu_has_bfloat16() \
+            else "float32"
+    if name == "bfloat16":
+        if kind != "attention":
+            raise TfcapError("--decoder-precision bfloat16 is for the attention decoder; this model's is merge: "
+                             "use float32")
+        encoders.require_bfloat16("--decoder-precision bfloat16")
     return name
 
 

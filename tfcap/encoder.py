@@ -134,6 +134,14 @@ def cpu_has_bfloat16() -> bool:
     return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def require_bfloat16(option: str) -> None:
+    """TfcapError naming `option` unless a GPU is visible or the CPU has bfloat16 instructions: emulated,
+    bfloat16 runs slower than float32."""
+    if not gpu_visible() and not cpu_has_bfloat16():
+        raise TfcapError(f"{option} needs a GPU or a CPU with bfloat16 instructions "
+                         "(avx512_bf16 or amx_bf16), and this machine has neither: use float32")
+
+
 def resolve_precision(name: str) -> str:
     """The Keras dtype policy to train and encode with: "float32", "mixed_float16" or "mixed_bfloat16".
 
@@ -146,9 +154,8 @@ def resolve_precision(name: str) -> str:
         raise TfcapError(f"unknown precision {name!r}: choose one of {', '.join(PRECISIONS)}")
     if name == "auto":
         return "mixed_float16" if gpu_visible() else "float32"
-    if name == "mixed_bfloat16" and not gpu_visible() and not cpu_has_bfloat16():
-        raise TfcapError("mixed_bfloat16 needs a GPU or a CPU with bfloat16 instructions "
-                         "(avx512_bf16 or amx_bf16), and this machine has neither: use float32")
+    if name == "mixed_bfloat16":
+        require_bfloat16(name)
     return name
 
 

@@ -580,7 +580,8 @@ def _resumed_train_config(run_dir: Path, saved: dict, given: dict) -> TrainConfi
         TfcapError naming its option.
     """
     train_config = TrainConfig(**saved["train"])
-    sections = {"encoder": saved["model"]["encoder"], "train": dataclasses.asdict(train_config),  # with fields added since
+    sections = {"encoder": saved["model"]["encoder"],
+                "train": dataclasses.asdict(train_config),  # with the fields added since, as the decoder's
                 "decoder": dataclasses.asdict(decoders.DecoderConfig.from_dict(saved["model"]["decoder"]))}
     for key, value in given.items():
         section, field = key.split(".")

@@ -215,9 +215,10 @@ def _prepare_model(model, options: dict, scratch: Path) -> tuple[str, float]:
     """The SavedModel location the workers load, and the seconds spent exporting it (0 if none).
 
     options: `export.load_predictor`'s keyword arguments (beam_size, length_penalty, no_repeat_ngram,
-    labels, precision, decoder_precision), None where not given. A run directory is exported into `scratch`
-    with the decoding, labels and precisions the local engine would use; a SavedModel given with any of them is loaded here
-    once, so a mismatch is one line now and not an exception in every worker later.
+    labels, precision, decoder_precision), None where not given. A run directory is exported into
+    `scratch` with the decoding, labels and precisions the local engine would use; a SavedModel given
+    with any of them is loaded here once, so a mismatch is one line now and not an exception in every
+    worker later.
     """
     if not _is_run_directory(model):
         if any(value is not None for value in options.values()):
